@@ -1,0 +1,18 @@
+//! Sluice core: the configuration model every stage shares, and the configuration store.
+//!
+//! - [`model`]: the user-facing configuration of functions ([`model::FunctionConfig`]),
+//!   asynchronous invocation ([`model::EventInvokeConfig`]) and Kafka event source mappings
+//!   ([`model::EventSourceMappingConfig`]), with Lambda's PascalCase names, ranges and defaults.
+//!   Every type rejects unknown fields and validates with messages that name the field, the bound
+//!   and the value.
+//! - [`store`]: the configuration store shared by all nodes, a compacted Kafka topic that every
+//!   node materialises in memory. Writes are optimistic (revision numbers) and return once the
+//!   writer's own view contains them.
+//!
+//! Threading: the store runs one tokio task per node that tails the configuration topic; readers
+//! take snapshots from a `watch` channel and never block the tail.
+#![forbid(unsafe_code)]
+
+pub mod kafka;
+pub mod model;
+pub mod store;

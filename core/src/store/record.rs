@@ -1,0 +1,133 @@
+//! What the configuration topic holds: one record per write, keyed by object.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{EventInvokeConfig, EventSourceMappingState, FunctionConfig};
+
+/// The kinds of object the store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ObjectKind {
+    /// A function.
+    Function,
+    /// A function's asynchronous invocation settings (named after the function).
+    EventInvokeConfig,
+    /// An event source mapping (named by its UUID).
+    EventSourceMapping,
+}
+
+impl ObjectKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Function => "function",
+            ObjectKind::EventInvokeConfig => "event-invoke-config",
+            ObjectKind::EventSourceMapping => "event-source-mapping",
+        }
+    }
+}
+
+/// An object's identity, and the Kafka record key: `<kind>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    /// What it is.
+    pub kind: ObjectKind,
+    /// Its name (function name, or mapping UUID).
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// The key of function `name`.
+    #[must_use]
+    pub fn function(name: &str) -> Self {
+        Self {
+            kind: ObjectKind::Function,
+            name: name.to_owned(),
+        }
+    }
+    /// The key of function `name`'s event-invoke config.
+    #[must_use]
+    pub fn event_invoke_config(function: &str) -> Self {
+        Self {
+            kind: ObjectKind::EventInvokeConfig,
+            name: function.to_owned(),
+        }
+    }
+    /// The key of mapping `uuid`.
+    #[must_use]
+    pub fn event_source_mapping(uuid: &str) -> Self {
+        Self {
+            kind: ObjectKind::EventSourceMapping,
+            name: uuid.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind.as_str(), self.name)
+    }
+}
+
+impl FromStr for ObjectKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, name) = s
+            .split_once('/')
+            .ok_or_else(|| format!("no '/' in key {s:?}"))?;
+        let kind = match kind {
+            "function" => ObjectKind::Function,
+            "event-invoke-config" => ObjectKind::EventInvokeConfig,
+            "event-source-mapping" => ObjectKind::EventSourceMapping,
+            other => return Err(format!("unknown kind {other:?} in key {s:?}")),
+        };
+        Ok(Self {
+            kind,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// A stored object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "Kind", content = "Spec")]
+pub enum ConfigObject {
+    /// A function.
+    Function(FunctionConfig),
+    /// Asynchronous invocation settings.
+    EventInvokeConfig(EventInvokeConfig),
+    /// An event source mapping.
+    EventSourceMapping(Box<EventSourceMappingState>),
+}
+
+impl ConfigObject {
+    /// The kind of this object.
+    #[must_use]
+    pub fn kind(&self) -> ObjectKind {
+        match self {
+            ConfigObject::Function(_) => ObjectKind::Function,
+            ConfigObject::EventInvokeConfig(_) => ObjectKind::EventInvokeConfig,
+            ConfigObject::EventSourceMapping(_) => ObjectKind::EventSourceMapping,
+        }
+    }
+}
+
+/// One write, as the record value on the configuration topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigRecord {
+    /// The revision this write creates: `base_revision + 1`.
+    pub revision: u64,
+    /// The revision the writer saw (0: absent).
+    pub base_revision: u64,
+    /// Identifies the write, so that its writer can find its verdict.
+    pub write_id: uuid::Uuid,
+    /// The node that wrote it (for operators).
+    pub writer: String,
+    /// When it was written, Unix milliseconds.
+    pub written_at_ms: i64,
+    /// The new object; `None` deletes it.
+    pub object: Option<ConfigObject>,
+}

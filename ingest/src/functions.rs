@@ -1,0 +1,247 @@
+//! Function control routes: CreateFunction, GetFunction, GetFunctionConfiguration, ListFunctions,
+//! DeleteFunction.
+
+use std::path::Path;
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+use sluice_core::model::{parse, Format, FunctionConfig, ModelError};
+use sluice_core::store::{ConfigObject, Expected, ObjectKey, Versioned};
+
+use crate::{ApiError, ApiState};
+
+fn model_error(e: ModelError) -> ApiError {
+    match e {
+        ModelError::Invalid(v) => ApiError::invalid(v.to_string()),
+        other => ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "InvalidRequestContentException",
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Lambda's `FunctionConfiguration` for a stored function.
+fn configuration(state: &ApiState, f: &Versioned<FunctionConfig>) -> Value {
+    let c = &f.object;
+    let mut v = json!({
+        "FunctionName": c.function_name,
+        "FunctionArn": state.account.function_arn(&c.function_name),
+        "Runtime": c.runtime,
+        "Handler": c.handler,
+        "Description": c.description,
+        "Timeout": c.timeout,
+        "MemorySize": c.memory_size,
+        "LastModified": iso8601_ms(f.modified_ms),
+        "Version": "$LATEST",
+        "RevisionId": f.revision.to_string(),
+        "State": "Active",
+        "LastUpdateStatus": "Successful",
+        "PackageType": "Zip",
+        "Architectures": ["x86_64"],
+    });
+    if let Some(role) = &c.role {
+        v["Role"] = json!(role);
+    }
+    if let Some(env) = &c.environment {
+        v["Environment"] = json!({ "Variables": env.variables });
+    }
+    v
+}
+
+pub(crate) async fn create_function(
+    State(state): State<ApiState>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::invalid("request body must be UTF-8 JSON"))?;
+    let config: FunctionConfig = parse(text, Format::Json).map_err(model_error)?;
+    if config.code.zip_file.is_some() {
+        return Err(ApiError::invalid(
+            "Code.ZipFile is not accepted by this version of Sluice yet; give Code.Path, a \
+             directory or .zip on the nodes' file system that holds an executable bootstrap",
+        ));
+    }
+    if let Some(path) = &config.code.path {
+        check_code_path(path)?;
+    }
+    check_reservation(&state, &config)?;
+    let key = ObjectKey::function(&config.function_name);
+    let revision = state
+        .store
+        .write(
+            &key,
+            Some(ConfigObject::Function(config.clone())),
+            Expected::Absent,
+        )
+        .await
+        .map_err(|e| match e {
+            sluice_core::store::StoreError::AlreadyExists { .. } => ApiError::conflict(format!(
+                "Function already exist: {}",
+                state.account.function_arn(&config.function_name)
+            )),
+            other => other.into(),
+        })?;
+    tracing::info!(function = %config.function_name, revision, "function created");
+    let stored = state
+        .store
+        .function(&config.function_name)
+        .unwrap_or(Versioned {
+            revision,
+            modified_ms: 0,
+            object: config,
+        });
+    Ok((StatusCode::CREATED, Json(configuration(&state, &stored))))
+}
+
+fn check_code_path(path: &str) -> Result<(), ApiError> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(ApiError::invalid(format!(
+            "Code.Path must be an absolute path, got {path:?}"
+        )));
+    }
+    if p.is_dir() {
+        if !p.join("bootstrap").is_file() {
+            return Err(ApiError::invalid(format!(
+                "Code.Path {path} has no bootstrap file: a function bundle needs an executable \
+                 bootstrap at its root (Lambda's custom-runtime contract)"
+            )));
+        }
+    } else if !(p.is_file() && path.ends_with(".zip")) {
+        return Err(ApiError::invalid(format!(
+            "Code.Path {path} must be an existing directory or .zip file on this node"
+        )));
+    }
+    Ok(())
+}
+
+fn check_reservation(state: &ApiState, config: &FunctionConfig) -> Result<(), ApiError> {
+    let Some(wanted) = config.reserved_concurrent_executions else {
+        return Ok(());
+    };
+    let others: i64 = state
+        .store
+        .functions()
+        .iter()
+        .filter(|f| f.object.function_name != config.function_name)
+        .filter_map(|f| f.object.reserved_concurrent_executions)
+        .sum();
+    let max = i64::from(state.account.concurrency_limit) - 100 - others;
+    if wanted > max {
+        return Err(ApiError::invalid(format!(
+            "Specified ReservedConcurrentExecutions for function decreases account's \
+             UnreservedConcurrentExecution below its minimum value of [100]: at most {max} can be \
+             reserved, got {wanted}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) async fn list_functions(State(state): State<ApiState>) -> Json<Value> {
+    let functions: Vec<Value> = state
+        .store
+        .functions()
+        .iter()
+        .map(|f| configuration(&state, f))
+        .collect();
+    Json(json!({ "Functions": functions }))
+}
+
+fn find(state: &ApiState, name: &str) -> Result<Versioned<FunctionConfig>, ApiError> {
+    state.store.function(name).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Function not found: {}",
+            state.account.function_arn(name)
+        ))
+    })
+}
+
+pub(crate) async fn get_function(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let f = find(&state, &name)?;
+    let mut out = json!({
+        "Configuration": configuration(&state, &f),
+        "Code": { "RepositoryType": "Local", "Location": f.object.code.path },
+    });
+    if let Some(r) = f.object.reserved_concurrent_executions {
+        out["Concurrency"] = json!({ "ReservedConcurrentExecutions": r });
+    }
+    Ok(Json(out))
+}
+
+pub(crate) async fn get_function_configuration(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let f = find(&state, &name)?;
+    Ok(Json(configuration(&state, &f)))
+}
+
+pub(crate) async fn delete_function(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    find(&state, &name)?;
+    state
+        .store
+        .write(&ObjectKey::function(&name), None, Expected::Exists)
+        .await?;
+    // The event-invoke config goes with the function, as in Lambda.
+    let eic = ObjectKey::event_invoke_config(&name);
+    if state.store.event_invoke_config(&name).is_some() {
+        state.store.write(&eic, None, Expected::Exists).await?;
+    }
+    tracing::info!(function = %name, "function deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Lambda's `LastModified` format: `2019-11-14T18:16:05.568+0000`.
+fn iso8601_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}+0000",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::iso8601_ms;
+
+    #[test]
+    fn last_modified_is_lambdas_format() {
+        assert_eq!(iso8601_ms(0), "1970-01-01T00:00:00.000+0000");
+        assert_eq!(
+            iso8601_ms(1_573_755_365_568),
+            "2019-11-14T18:16:05.568+0000"
+        );
+        assert_eq!(iso8601_ms(951_782_400_000), "2000-02-29T00:00:00.000+0000");
+    }
+}

@@ -1,0 +1,87 @@
+//! Ingest: the HTTP front end, wire-compatible with the AWS Lambda REST API (`/2015-03-31/…`), so
+//! the AWS SDKs and CLI work against a node with an endpoint override.
+//!
+//! Main types: [`ApiState`] (what the handlers share: the configuration store and account
+//! settings) and [`router`]. Handlers run on the node's tokio runtime; they read the in-memory
+//! configuration view and write through the [`sluice_core::store::ConfigStore`].
+//!
+//! Errors follow Lambda: an HTTP status, an `x-amzn-ErrorType` header naming the exception, and a
+//! JSON body `{"Type": "User", "message": …}`.
+#![forbid(unsafe_code)]
+
+mod error;
+mod functions;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::Router;
+use sluice_core::store::ConfigStore;
+
+pub use error::ApiError;
+
+/// Lambda's limit on a CreateFunction request with an inline zip (50 MiB zip, base64-encoded).
+const MAX_CONTROL_BODY_BYTES: usize = 70 * 1024 * 1024;
+
+/// The account a node presents itself as (for ARNs and concurrency).
+#[derive(Debug, Clone)]
+pub struct AccountSettings {
+    /// Region in ARNs, e.g. `us-east-1`.
+    pub region: String,
+    /// Twelve-digit account id in ARNs.
+    pub account_id: String,
+    /// Account concurrency limit; reservations must leave 100 unreserved, as in Lambda.
+    pub concurrency_limit: u32,
+}
+
+impl Default for AccountSettings {
+    fn default() -> Self {
+        Self {
+            region: "us-east-1".into(),
+            account_id: "000000000000".into(),
+            concurrency_limit: 1000,
+        }
+    }
+}
+
+impl AccountSettings {
+    /// The ARN of function `name`.
+    #[must_use]
+    pub fn function_arn(&self, name: &str) -> String {
+        format!(
+            "arn:aws:lambda:{}:{}:function:{name}",
+            self.region, self.account_id
+        )
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The shared configuration.
+    pub store: ConfigStore,
+    /// Account settings.
+    pub account: AccountSettings,
+}
+
+/// The Lambda-compatible API routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route(
+            "/2015-03-31/functions",
+            get(functions::list_functions).post(functions::create_function),
+        )
+        .route(
+            "/2015-03-31/functions/",
+            get(functions::list_functions).post(functions::create_function),
+        )
+        .route(
+            "/2015-03-31/functions/{name}",
+            get(functions::get_function).delete(functions::delete_function),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/configuration",
+            get(functions::get_function_configuration),
+        )
+        .layer(DefaultBodyLimit::max(MAX_CONTROL_BODY_BYTES))
+        .with_state(state)
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up what is missing, starts the real services (tansu, Redis) on free loopback ports, runs the
+# whole test suite against them, and stops them. Extra arguments go to `cargo test`.
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+ensure_all
+WORK="$(mktemp -d /tmp/sluice-test.XXXXXX)"
+trap 'stop_services; rm -rf "$WORK"' EXIT
+start_services "$WORK"
+export SLUICE_TEST_KAFKA="$SLUICE_KAFKA" SLUICE_TEST_REDIS="$SLUICE_REDIS"
+log "building and running the test suite"
+cargo test --workspace --locked "$@"
+log "checking that the benchmarks compile"
+cargo check --workspace --locked --benches
+log "all tests passed"

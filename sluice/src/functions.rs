@@ -1,0 +1,202 @@
+//! `sluice functions …`: a client of a node's Lambda-compatible control API.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use sluice_core::model::{parse, Environment, Format, FunctionConfig, Validate};
+
+/// Where the node's API is.
+#[derive(Debug, Clone, Args)]
+pub struct Endpoint {
+    /// The node's API address.
+    #[arg(
+        long,
+        env = "SLUICE_ENDPOINT",
+        default_value = "http://127.0.0.1:9000",
+        global = true
+    )]
+    pub endpoint: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FunctionsCommand {
+    /// Create a function from flags or from a JSON/YAML file with CreateFunction's fields.
+    ///
+    /// Example: sluice functions create --name echo --code /srv/echo --memory 256
+    Create {
+        /// The function's name (1–64 letters, digits, '-' and '_').
+        #[arg(long, required_unless_present = "file")]
+        name: Option<String>,
+        /// A directory (or .zip) holding an executable `bootstrap`, as an absolute path.
+        #[arg(long, required_unless_present = "file")]
+        code: Option<String>,
+        /// Memory in MiB, 128–10240.
+        #[arg(long, default_value_t = 128)]
+        memory: i64,
+        /// Timeout in seconds, 1–900.
+        #[arg(long, default_value_t = 3)]
+        timeout: i64,
+        /// Environment variable NAME=VALUE (repeatable).
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// Reserved concurrency (0 stops all invocations).
+        #[arg(long)]
+        reserved_concurrency: Option<i64>,
+        /// Read the function from this file instead (.json, .yaml or .yml), with Lambda's names:
+        /// FunctionName, Code.Path, MemorySize, Timeout, Environment.Variables, …
+        #[arg(long, conflicts_with_all = ["name", "code"])]
+        file: Option<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// List functions.
+    List {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Show one function as JSON.
+    Get {
+        /// The function's name.
+        name: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Delete a function (and its event-invoke config).
+    Delete {
+        /// The function's name.
+        name: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+pub async fn run(cmd: FunctionsCommand) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    match cmd {
+        FunctionsCommand::Create {
+            name,
+            code,
+            memory,
+            timeout,
+            env,
+            reserved_concurrency,
+            file,
+            endpoint,
+        } => {
+            let config = match file {
+                Some(path) => {
+                    let text =
+                        std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+                    parse::<FunctionConfig>(&text, Format::from_path(&path))
+                        .with_context(|| format!("in {path}"))?
+                }
+                None => {
+                    let mut variables = BTreeMap::new();
+                    for pair in env {
+                        let (k, v) = pair
+                            .split_once('=')
+                            .with_context(|| format!("--env takes NAME=VALUE, got {pair:?}"))?;
+                        variables.insert(k.to_owned(), v.to_owned());
+                    }
+                    let code = code.unwrap_or_default();
+                    let code = std::fs::canonicalize(&code)
+                        .with_context(|| format!("--code {code}: no such file or directory"))?;
+                    let config = FunctionConfig {
+                        memory_size: memory,
+                        timeout,
+                        environment: (!variables.is_empty()).then_some(Environment { variables }),
+                        reserved_concurrent_executions: reserved_concurrency,
+                        ..FunctionConfig::from_path(
+                            name.unwrap_or_default(),
+                            code.display().to_string(),
+                        )
+                    };
+                    config.validate().context("invalid function")?;
+                    config
+                }
+            };
+            let url = format!("{}/2015-03-31/functions", endpoint.endpoint);
+            let out = call(http.post(&url).json(&config)).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        FunctionsCommand::List { json, endpoint } => {
+            let url = format!("{}/2015-03-31/functions/", endpoint.endpoint);
+            let out = call(http.get(&url)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print_table(&out);
+            }
+        }
+        FunctionsCommand::Get { name, endpoint } => {
+            let url = format!("{}/2015-03-31/functions/{name}", endpoint.endpoint);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&call(http.get(&url)).await?)?
+            );
+        }
+        FunctionsCommand::Delete { name, endpoint } => {
+            let url = format!("{}/2015-03-31/functions/{name}", endpoint.endpoint);
+            call(http.delete(&url)).await?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+fn print_table(list: &Value) {
+    let empty = Vec::new();
+    let functions = list["Functions"].as_array().unwrap_or(&empty);
+    println!(
+        "{:<32} {:>7} {:>8} {:>9}  LAST MODIFIED",
+        "NAME", "MEMORY", "TIMEOUT", "REVISION"
+    );
+    for f in functions {
+        println!(
+            "{:<32} {:>7} {:>8} {:>9}  {}",
+            f["FunctionName"].as_str().unwrap_or("?"),
+            f["MemorySize"].to_string(),
+            f["Timeout"].to_string(),
+            f["RevisionId"].as_str().unwrap_or("?"),
+            f["LastModified"].as_str().unwrap_or("?"),
+        );
+    }
+    println!("{} function(s)", functions.len());
+}
+
+/// Sends a request and returns its JSON body, turning Lambda errors into readable ones.
+async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    let resp = req
+        .send()
+        .await
+        .context("cannot reach the Sluice API (is a node running? see --endpoint)")?;
+    let status = resp.status();
+    let kind = resp
+        .headers()
+        .get("x-amzn-ErrorType")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = resp.bytes().await.context("read the API's response")?;
+    let value: Value = if body.is_empty() {
+        json!(null)
+    } else {
+        serde_json::from_slice(&body).unwrap_or(json!(null))
+    };
+    if !status.is_success() {
+        let message = value["message"]
+            .as_str()
+            .or(value["Message"].as_str())
+            .unwrap_or("");
+        bail!(
+            "{} ({}): {message}",
+            kind.unwrap_or_else(|| "error".into()),
+            status.as_u16()
+        );
+    }
+    Ok(value)
+}

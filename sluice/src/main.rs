@@ -1,0 +1,73 @@
+//! `sluice`: the node binary and command-line client.
+//!
+//! Thin by design: parse the command line, validate configuration, wire the stage crates, wait
+//! for a signal, map errors to exit codes (0 success, 1 failure, 2 bad usage).
+#![forbid(unsafe_code)]
+
+mod dev;
+mod functions;
+mod node;
+mod services;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Sluice runs functions from event streams: a self-hosted re-implementation of AWS Lambda's
+/// asynchronous and stream data plane on Kafka and Redis.
+///
+/// Start here: `sluice dev` runs everything on this machine (it starts a Kafka-compatible broker
+/// and Redis when none are reachable); then `sluice functions create --name echo --code ./bundle`
+/// and `sluice functions list`. In production run `sluice node` on as many machines as you like,
+/// all pointed at the same Kafka cluster and Redis.
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    propagate_version = true,
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: the Lambda-compatible API, pollers and workers, by role.
+    Node(node::NodeArgs),
+    /// Run everything on this machine: start Kafka (tansu) and Redis if they are not reachable,
+    /// then a node with every role. Ctrl-C stops what it started.
+    Dev(dev::DevArgs),
+    /// Create, list, show and delete functions through a node's API.
+    #[command(subcommand)]
+    Functions(functions::FunctionsCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Node(args) => node::run(args).await,
+            Command::Dev(args) => dev::run(args).await,
+            Command::Functions(cmd) => functions::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

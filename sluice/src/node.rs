@@ -1,0 +1,216 @@
+//! `sluice node`: one stateless node. Durable state is in Kafka, coordination state in Redis.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::routing::get;
+use axum::Router;
+use clap::{Args, ValueEnum};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sluice_core::kafka::KafkaSettings;
+use sluice_core::store::{ConfigStore, ConfigStoreConfig};
+use sluice_ingest::{AccountSettings, ApiState};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+/// A node's jobs. Every node runs the same binary; roles pick what it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// The Lambda-compatible API (control and Invoke) and `/metrics`.
+    Frontend,
+    /// Async-queue and stream pollers.
+    Poller,
+    /// Sandboxes that run functions.
+    Worker,
+}
+
+/// Options of `sluice node`.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// Kafka bootstrap servers (any Kafka-compatible cluster).
+    #[arg(long, env = "SLUICE_KAFKA", default_value = "127.0.0.1:9092")]
+    pub kafka: String,
+    /// Redis URL (leases, concurrency slots, worker registry).
+    #[arg(long, env = "SLUICE_REDIS", default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// Address the API and `/metrics` listen on (frontend role).
+    #[arg(long, env = "SLUICE_API", default_value = "127.0.0.1:9000")]
+    pub api: SocketAddr,
+    /// Roles this node runs, comma-separated.
+    #[arg(
+        long,
+        env = "SLUICE_ROLES",
+        value_delimiter = ',',
+        default_value = "frontend,poller,worker"
+    )]
+    pub roles: Vec<Role>,
+    /// This node's name in logs, metrics and Redis (default: host name and process id).
+    #[arg(long, env = "SLUICE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Prefix of every topic Sluice creates (the configuration topic is `<prefix>config`).
+    #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "sluice.")]
+    pub topic_prefix: String,
+    /// Prefix of every Redis key Sluice writes.
+    #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice:")]
+    pub redis_prefix: String,
+    /// Account concurrency limit (Lambda's default is 1000).
+    #[arg(long, env = "SLUICE_ACCOUNT_CONCURRENCY", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(100..=1_000_000))]
+    pub account_concurrency: u32,
+    /// Region shown in ARNs.
+    #[arg(long, env = "SLUICE_REGION", default_value = "us-east-1")]
+    pub region: String,
+}
+
+impl NodeArgs {
+    fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "node".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    start(&args, &cancel, &tracker).await?;
+    wait_for_signal().await;
+    info!("shutting down");
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop within 10 s");
+    }
+    Ok(())
+}
+
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Starts the node's stages; they stop when `cancel` fires.
+pub async fn start(
+    args: &NodeArgs,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    let node_id = args.node_id();
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("install the Prometheus metrics recorder")?;
+    let roles: Vec<String> = args
+        .roles
+        .iter()
+        .map(|r| format!("{r:?}").to_lowercase())
+        .collect();
+    metrics::gauge!("sluice_node_info", "node" => node_id.clone(), "roles" => roles.join(","))
+        .set(1.0);
+
+    let redis_client = redis::Client::open(args.redis.as_str())
+        .with_context(|| format!("bad Redis URL {:?}", args.redis))?;
+    let redis = tokio::time::timeout(
+        Duration::from_secs(10),
+        redis::aio::ConnectionManager::new(redis_client),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("Redis at {} did not answer within 10 s", args.redis))?
+    .with_context(|| format!("connect to Redis at {}", args.redis))?;
+
+    let kafka = KafkaSettings::new(&args.kafka);
+    let mut store_cfg = ConfigStoreConfig::new(&node_id);
+    store_cfg.topic = format!("{}config", args.topic_prefix);
+    store_cfg.redis_prefix.clone_from(&args.redis_prefix);
+    let store = ConfigStore::open(&kafka, store_cfg, Some(redis), cancel.child_token())
+        .await
+        .with_context(|| format!("open the configuration store on Kafka at {}", args.kafka))?;
+    info!(node = %node_id, functions = store.functions().len(), "configuration loaded");
+
+    if args.roles.contains(&Role::Frontend) {
+        let state = ApiState {
+            store: store.clone(),
+            account: AccountSettings {
+                region: args.region.clone(),
+                concurrency_limit: args.account_concurrency,
+                ..AccountSettings::default()
+            },
+        };
+        let app = sluice_ingest::router(state)
+            .merge(ops_router(metrics, store.clone()))
+            .layer(tower_http::trace::TraceLayer::new_for_http());
+        let listener = tokio::net::TcpListener::bind(args.api)
+            .await
+            .with_context(|| {
+                format!(
+                    "listen on {} (is another node using it? pass --api)",
+                    args.api
+                )
+            })?;
+        info!(addr = %args.api, "API listening");
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "API server stopped");
+            }
+        });
+    }
+    for role in [Role::Poller, Role::Worker] {
+        if args.roles.contains(&role) {
+            info!(?role, "role enabled; this build has no stages for it yet");
+        }
+    }
+    Ok(())
+}
+
+fn ops_router(metrics: PrometheusHandle, store: ConfigStore) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                let store = store.clone();
+                async move {
+                    metrics::gauge!("sluice_config_functions").set(store.functions().len() as f64);
+                    metrics::gauge!("sluice_config_view_offset")
+                        .set(*store.changes().borrow() as f64);
+                    metrics.render()
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+}

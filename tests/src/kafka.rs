@@ -1,0 +1,51 @@
+//! The Kafka-compatible broker for integration tests.
+//!
+//! `scripts/test.sh` starts tansu (durable `sqlite://` storage) on a free loopback port and exports
+//! its address as `SLUICE_TEST_KAFKA`. Each test makes its own topic names with [`unique_name`].
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+
+/// The bootstrap address of the test broker.
+///
+/// # Panics
+/// When `SLUICE_TEST_KAFKA` is not set: the tests need the real broker, so they fail (never skip)
+/// and say how to get one.
+#[must_use]
+pub fn bootstrap() -> String {
+    match std::env::var("SLUICE_TEST_KAFKA") {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "SLUICE_TEST_KAFKA is not set: these tests run against a real Kafka-compatible broker. \
+             Run them through `scripts/test.sh` (it installs and starts tansu and Redis), or start a \
+             broker yourself and export SLUICE_TEST_KAFKA=host:port"
+        ),
+    }
+}
+
+/// A name no other test (or earlier run) uses: `prefix-<uuid>`.
+#[must_use]
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Creates a topic on the test broker.
+///
+/// # Errors
+/// When the broker refuses the topic.
+pub async fn create_topic(name: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()?;
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics([&topic], &opts).await? {
+        if let Err((topic, code)) = result {
+            anyhow::bail!("create topic {topic}: {code}");
+        }
+    }
+    Ok(())
+}
