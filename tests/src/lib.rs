@@ -9,5 +9,6 @@
 //! how to start it; it is never skipped.
 #![forbid(unsafe_code)]
 
+pub mod functions;
 pub mod kafka;
 pub mod redis;

@@ -1,0 +1,234 @@
+//! The jailed-process backend: the agent jails itself (see `sluice_agent::jail`); the host
+//! creates the sandbox's cgroups, writes its user-namespace ID maps, and tears it all down.
+
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sluice_agent::jail::{JailSpec, Rlimits, SYNC_MAPPED, SYNC_UNSHARED};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+use crate::cgroup::{Cgroup, CgroupMode, Limits};
+use crate::sandbox::{BootError, Channel, FunctionSpec, Isolation, SandboxBackend};
+
+/// Lambda gives a function one vCPU per 1769 MiB.
+const MIB_PER_VCPU: u64 = 1769;
+
+/// Settings of the jail backend.
+#[derive(Debug, Clone)]
+pub struct JailConfig {
+    /// The `sluice-agent` executable.
+    pub agent: PathBuf,
+    /// Where per-sandbox root mount points are made (empty directories).
+    pub run_dir: PathBuf,
+    /// Host directories visible read-only in every sandbox.
+    pub ro_binds: Vec<PathBuf>,
+    /// First host UID/GID sandboxes are mapped to; sandbox `n` gets `uid_base + n % uid_count`.
+    pub uid_base: u32,
+    /// How many host UIDs to rotate through.
+    pub uid_count: u32,
+    /// Size of each sandbox's `/tmp`, MiB (Lambda's default ephemeral storage is 512).
+    pub tmp_size_mb: u64,
+    /// Install the seccomp filter.
+    pub seccomp: bool,
+    /// Which cgroups to use.
+    pub cgroups: CgroupMode,
+    /// Smallest CPU share, millicores (Lambda's share for 128 MiB would be 72).
+    pub min_cpu_millicores: u64,
+}
+
+impl JailConfig {
+    /// Defaults: the agent next to the running executable (or `SLUICE_AGENT`), roots under
+    /// `/run/sluice/jail`, cgroups detected.
+    #[must_use]
+    pub fn detect() -> Self {
+        Self {
+            agent: find_agent(),
+            run_dir: PathBuf::from("/run/sluice/jail"),
+            ro_binds: ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc"].iter().map(PathBuf::from).collect(),
+            uid_base: 100_000,
+            uid_count: 60_000,
+            tmp_size_mb: 512,
+            seccomp: true,
+            cgroups: CgroupMode::detect(),
+            min_cpu_millicores: 250,
+        }
+    }
+}
+
+/// Finds `sluice-agent`: `$SLUICE_AGENT`, else beside the running executable (or its parent
+/// directory, for test binaries under `target/*/deps`), else on `PATH`.
+#[must_use]
+pub fn find_agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_AGENT") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("sluice-agent");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("sluice-agent")
+}
+
+/// The jail backend.
+#[derive(Debug, Clone)]
+pub struct JailBackend {
+    config: JailConfig,
+}
+
+impl JailBackend {
+    /// A backend with `config`.
+    ///
+    /// # Errors
+    /// When the agent is missing or the run directory cannot be created.
+    pub fn new(config: JailConfig) -> Result<Self, BootError> {
+        if !config.agent.is_file() {
+            return Err(BootError::Setup(format!(
+                "the guest agent {} does not exist (build it with `cargo build -p sluice-agent`, or set SLUICE_AGENT)",
+                config.agent.display()
+            )));
+        }
+        std::fs::create_dir_all(&config.run_dir)
+            .map_err(|e| BootError::Setup(format!("create {}: {e}", config.run_dir.display())))?;
+        Ok(Self { config })
+    }
+
+    /// The configuration in use.
+    #[must_use]
+    pub fn config(&self) -> &JailConfig {
+        &self.config
+    }
+}
+
+struct Jail {
+    child: Child,
+    cgroup: Option<Cgroup>,
+    root_dir: PathBuf,
+}
+
+#[async_trait]
+impl Isolation for Jail {
+    async fn destroy(mut self: Box<Self>) {
+        // Stage 1 dies → stage 2 (PID 1 of the namespace) gets SIGKILL (its parent-death signal),
+        // and with it every process of the namespace.
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        if let Some(cg) = self.cgroup.take() {
+            cg.destroy(Duration::from_secs(5)).await;
+        }
+        let _ = std::fs::remove_dir(&self.root_dir);
+    }
+
+    fn out_of_memory(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(Cgroup::oom_killed)
+    }
+
+    fn memory_bytes(&self) -> Option<u64> {
+        self.cgroup.as_ref().and_then(Cgroup::memory_bytes)
+    }
+}
+
+fn write_id_maps(pid: u32, uid: u32) -> std::io::Result<()> {
+    let proc = Path::new("/proc").join(pid.to_string());
+    std::fs::write(proc.join("uid_map"), format!("0 {uid} 1\n"))?;
+    std::fs::write(proc.join("setgroups"), "deny")?;
+    std::fs::write(proc.join("gid_map"), format!("0 {uid} 1\n"))
+}
+
+#[async_trait]
+impl SandboxBackend for JailBackend {
+    fn name(&self) -> &'static str {
+        "jail"
+    }
+
+    async fn launch(&self, id: u64, spec: &FunctionSpec) -> Result<(Pin<Box<dyn Channel>>, Box<dyn Isolation>), BootError> {
+        let setup = |what: &str, e: &dyn std::fmt::Display| BootError::Setup(format!("{what}: {e}"));
+        let name = format!("sb-{}-{id}", std::process::id());
+        let root_dir = self.config.run_dir.join(&name);
+        std::fs::create_dir_all(&root_dir).map_err(|e| setup("create the root mount point", &e))?;
+        let memory_bytes = spec.memory_mb * 1024 * 1024;
+        let cgroup = Cgroup::create(
+            &self.config.cgroups,
+            &name,
+            Limits {
+                memory_bytes,
+                cpu_millicores: (spec.memory_mb * 1000 / MIB_PER_VCPU).max(self.config.min_cpu_millicores),
+                pids: 1024,
+            },
+        )
+        .map_err(|e| setup("create the sandbox's cgroups", &e))?;
+        let jail_spec = JailSpec {
+            root_dir: root_dir.clone(),
+            task_dir: spec.task_dir.clone(),
+            ro_binds: self.config.ro_binds.clone(),
+            cgroup_procs: cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default(),
+            tmp_size_mb: self.config.tmp_size_mb,
+            rlimits: Rlimits {
+                nofile: 1024,
+                // Without a memory cgroup the address-space limit is the only memory bound; it is
+                // looser (it counts mappings, not use), so give it headroom over the function's memory.
+                address_space_bytes: cgroup.is_none().then_some(memory_bytes * 4 + (1 << 30)),
+                file_size_bytes: self.config.tmp_size_mb * 1024 * 1024,
+            },
+            seccomp: self.config.seccomp,
+        };
+        let json = serde_json::to_string(&jail_spec).map_err(|e| setup("encode the jail spec", &e))?;
+        let (host_end, agent_end) = StdUnixStream::pair().map_err(|e| setup("create the agent channel", &e))?;
+        let child = Command::new(&self.config.agent)
+            .arg("jail")
+            .arg(json)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(agent_end)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn();
+        let mut jail = Jail {
+            child: match child {
+                Ok(c) => c,
+                Err(e) => {
+                    if let Some(cg) = cgroup {
+                        cg.destroy(Duration::from_secs(1)).await;
+                    }
+                    let _ = std::fs::remove_dir(&root_dir);
+                    return Err(setup("start the agent", &e));
+                }
+            },
+            cgroup,
+            root_dir,
+        };
+        let handshake = async {
+            host_end.set_nonblocking(true)?;
+            let mut stream = tokio::net::UnixStream::from_std(host_end)?;
+            let mut b = [0u8; 1];
+            stream.read_exact(&mut b).await?;
+            if b[0] != SYNC_UNSHARED {
+                return Err(std::io::Error::other(format!("unexpected handshake byte {}", b[0])));
+            }
+            let pid = jail.child.id().ok_or_else(|| std::io::Error::other("stage 1 exited"))?;
+            let uid = self.config.uid_base + u32::try_from(id % u64::from(self.config.uid_count)).unwrap_or(0);
+            write_id_maps(pid, uid)?;
+            stream.write_all(&[SYNC_MAPPED]).await?;
+            Ok::<_, std::io::Error>(stream)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+            Ok(Ok(stream)) => Ok((Box::pin(stream), Box::new(jail))),
+            Ok(Err(e)) => {
+                let status = jail.child.try_wait().ok().flatten();
+                Box::new(jail).destroy().await;
+                Err(BootError::Setup(format!("jail handshake: {e} (agent status {status:?})")))
+            }
+            Err(_) => {
+                Box::new(jail).destroy().await;
+                Err(BootError::Setup("jail handshake timed out".into()))
+            }
+        }
+    }
+}
