@@ -38,14 +38,23 @@ impl Bundle {
     pub fn of(bin: &str) -> Self {
         use std::os::unix::fs::PermissionsExt;
         let src = bin_dir().join(bin);
-        assert!(src.is_file(), "{} is not built (cargo test --workspace builds it)", src.display());
-        let dir = std::env::temp_dir().join(format!("sluice-bundle-{bin}-{}", uuid::Uuid::new_v4().simple()));
+        assert!(
+            src.is_file(),
+            "{} is not built (cargo test --workspace builds it)",
+            src.display()
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-bundle-{bin}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
         std::fs::create_dir_all(&dir).expect("create bundle dir");
         // Sandboxes run as an unprivileged host UID: the bundle must be world-readable.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod bundle dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod bundle dir");
         let dst = dir.join("bootstrap");
         std::fs::copy(&src, &dst).expect("copy bootstrap");
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod bootstrap");
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod bootstrap");
         Self { dir }
     }
 

@@ -5,13 +5,18 @@ use std::time::Duration;
 
 use sluice_core::kafka::KafkaSettings;
 use sluice_core::model::FunctionConfig;
-use sluice_core::store::{ConfigObject, ConfigStore, ConfigStoreConfig, Expected, ObjectKey, StoreError};
+use sluice_core::store::{
+    ConfigObject, ConfigStore, ConfigStoreConfig, Expected, ObjectKey, StoreError,
+};
 use sluice_tests::kafka::{bootstrap, unique_name};
 use sluice_tests::redis::RedisServer;
 use tokio_util::sync::CancellationToken;
 
 fn function(name: &str, memory: i64) -> ConfigObject {
-    ConfigObject::Function(FunctionConfig { memory_size: memory, ..FunctionConfig::from_path(name, "/srv/fn") })
+    ConfigObject::Function(FunctionConfig {
+        memory_size: memory,
+        ..FunctionConfig::from_path(name, "/srv/fn")
+    })
 }
 
 fn memory_of(store: &ConfigStore, name: &str) -> Option<i64> {
@@ -30,9 +35,14 @@ async fn open(topic: &str, node: &str, redis: Option<&RedisServer>, prefix: &str
         ),
         None => None,
     };
-    ConfigStore::open(&KafkaSettings::new(bootstrap()), cfg, conn, CancellationToken::new())
-        .await
-        .expect("open store")
+    ConfigStore::open(
+        &KafkaSettings::new(bootstrap()),
+        cfg,
+        conn,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("open store")
 }
 
 #[tokio::test]
@@ -41,17 +51,42 @@ async fn a_write_is_visible_to_its_writer_when_it_returns() {
     let topic = unique_name("cfg");
     let store = open(&topic, "a", Some(&redis), "t1:").await;
     let key = ObjectKey::function("echo");
-    let rev = store.write(&key, Some(function("echo", 256)), Expected::Absent).await.expect("create");
+    let rev = store
+        .write(&key, Some(function("echo", 256)), Expected::Absent)
+        .await
+        .expect("create");
     assert_eq!(rev, 1);
     // No waiting: the write returned only after this node's view applied it.
     assert_eq!(memory_of(&store, "echo"), Some(256));
     assert_eq!(store.function("echo").map(|f| f.revision), Some(1));
 
-    let err = store.write(&key, Some(function("echo", 512)), Expected::Absent).await.expect_err("exists");
+    let err = store
+        .write(&key, Some(function("echo", 512)), Expected::Absent)
+        .await
+        .expect_err("exists");
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
-    let err = store.write(&key, Some(function("echo", 512)), Expected::Revision(7)).await.expect_err("stale");
-    assert!(matches!(err, StoreError::Conflict { expected: 7, actual: 1, .. }), "{err}");
-    assert_eq!(store.write(&key, Some(function("echo", 512)), Expected::Revision(1)).await.expect("update"), 2);
+    let err = store
+        .write(&key, Some(function("echo", 512)), Expected::Revision(7))
+        .await
+        .expect_err("stale");
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                expected: 7,
+                actual: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        store
+            .write(&key, Some(function("echo", 512)), Expected::Revision(1))
+            .await
+            .expect("update"),
+        2
+    );
     assert_eq!(memory_of(&store, "echo"), Some(512));
 }
 
@@ -62,19 +97,47 @@ async fn a_node_that_starts_later_sees_everything_written_before() {
     let first = open(&topic, "a", Some(&redis), "t2:").await;
     for i in 0..20 {
         let name = format!("fn-{i}");
-        first.write(&ObjectKey::function(&name), Some(function(&name, 128 + i)), Expected::Absent).await.expect("create");
+        first
+            .write(
+                &ObjectKey::function(&name),
+                Some(function(&name, 128 + i)),
+                Expected::Absent,
+            )
+            .await
+            .expect("create");
     }
-    first.write(&ObjectKey::function("fn-3"), None, Expected::Exists).await.expect("delete");
-    first.write(&ObjectKey::function("fn-4"), Some(function("fn-4", 1024)), Expected::Exists).await.expect("update");
+    first
+        .write(&ObjectKey::function("fn-3"), None, Expected::Exists)
+        .await
+        .expect("delete");
+    first
+        .write(
+            &ObjectKey::function("fn-4"),
+            Some(function("fn-4", 1024)),
+            Expected::Exists,
+        )
+        .await
+        .expect("update");
 
     let late = open(&topic, "b", Some(&redis), "t2:").await;
-    let names: Vec<String> = late.functions().into_iter().map(|f| f.object.function_name).collect();
+    let names: Vec<String> = late
+        .functions()
+        .into_iter()
+        .map(|f| f.object.function_name)
+        .collect();
     assert_eq!(names.len(), 19, "{names:?}");
     assert!(!names.contains(&"fn-3".to_owned()));
     assert_eq!(memory_of(&late, "fn-4"), Some(1024));
     assert_eq!(late.function("fn-4").map(|f| f.revision), Some(2));
     // A deleted object keeps its revision count, so a re-create continues it on every node.
-    let rev = late.write(&ObjectKey::function("fn-3"), Some(function("fn-3", 128)), Expected::Absent).await.expect("re-create");
+    let rev = late
+        .write(
+            &ObjectKey::function("fn-3"),
+            Some(function("fn-3", 128)),
+            Expected::Absent,
+        )
+        .await
+        .expect("re-create");
     assert_eq!(rev, 3);
     first.catch_up().await.expect("catch up");
     assert_eq!(first.function("fn-3").map(|f| f.revision), Some(3));
@@ -88,7 +151,9 @@ async fn concurrent_updates_are_never_silently_lost(redis: Option<&RedisServer>,
     let a = open(&topic, "a", redis, prefix).await;
     let b = open(&topic, "b", redis, prefix).await;
     let key = ObjectKey::function("hot");
-    a.write(&key, Some(function("hot", 128)), Expected::Absent).await.expect("create");
+    a.write(&key, Some(function("hot", 128)), Expected::Absent)
+        .await
+        .expect("create");
     b.catch_up().await.expect("catch up");
 
     let barrier = Arc::new(tokio::sync::Barrier::new(16));
@@ -101,7 +166,13 @@ async fn concurrent_updates_are_never_silently_lost(redis: Option<&RedisServer>,
             barrier.wait().await;
             // Read-modify-write on the revision this writer saw.
             let seen = store.function("hot").map_or(0, |f| f.revision);
-            let result = store.write(&key, Some(function("hot", 200 + i)), Expected::Revision(seen)).await;
+            let result = store
+                .write(
+                    &key,
+                    Some(function("hot", 200 + i)),
+                    Expected::Revision(seen),
+                )
+                .await;
             (i, result)
         }));
     }
@@ -124,7 +195,11 @@ async fn concurrent_updates_are_never_silently_lost(redis: Option<&RedisServer>,
     let final_a = a.function("hot").expect("present");
     let final_b = b.function("hot").expect("present");
     assert_eq!(final_a, final_b, "nodes disagree");
-    assert_eq!(ok.len() as u64, final_a.revision - 1, "successes {ok:?}, conflicts {conflicts}");
+    assert_eq!(
+        ok.len() as u64,
+        final_a.revision - 1,
+        "successes {ok:?}, conflicts {conflicts}"
+    );
     assert_eq!(ok.len() + conflicts, 16);
     assert!(!ok.is_empty());
     // The last successful write is what both nodes hold.
@@ -156,11 +231,28 @@ async fn a_write_held_by_a_crashed_writers_lock_waits_for_the_lock_ttl() {
     let store = open(&topic, "a", Some(&redis), "t5:").await;
     let key = ObjectKey::function("locked");
     // A writer that died holding the lock: the key expires after its TTL (10 s by default, here 1 s).
-    let mut conn = redis::Client::open(redis.url()).expect("url").get_multiplexed_async_connection().await.expect("conn");
-    let _: () = redis::cmd("SET").arg(format!("t5:config-lock:{key}")).arg("dead").arg("PX").arg(1000).query_async(&mut conn).await.expect("set");
+    let mut conn = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let _: () = redis::cmd("SET")
+        .arg(format!("t5:config-lock:{key}"))
+        .arg("dead")
+        .arg("PX")
+        .arg(1000)
+        .query_async(&mut conn)
+        .await
+        .expect("set");
     let started = std::time::Instant::now();
-    store.write(&key, Some(function("locked", 128)), Expected::Absent).await.expect("write after TTL");
-    assert!(started.elapsed() >= Duration::from_millis(500), "write did not wait for the lock");
+    store
+        .write(&key, Some(function("locked", 128)), Expected::Absent)
+        .await
+        .expect("write after TTL");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "write did not wait for the lock"
+    );
 }
 
 /// A racing writer whose record reaches the log after another write to the same base revision
@@ -174,8 +266,12 @@ async fn a_record_based_on_a_stale_revision_is_refused_by_every_node() {
     let topic = unique_name("cfg");
     let a = open(&topic, "a", None, "t6:").await;
     let key = ObjectKey::function("raced");
-    a.write(&key, Some(function("raced", 128)), Expected::Absent).await.expect("create");
-    a.write(&key, Some(function("raced", 256)), Expected::Revision(1)).await.expect("update");
+    a.write(&key, Some(function("raced", 128)), Expected::Absent)
+        .await
+        .expect("create");
+    a.write(&key, Some(function("raced", 256)), Expected::Revision(1))
+        .await
+        .expect("update");
 
     // The loser of a race: based on revision 1, arriving after revision 2.
     let stale = ConfigRecord {
@@ -186,10 +282,15 @@ async fn a_record_based_on_a_stale_revision_is_refused_by_every_node() {
         written_at_ms: 0,
         object: Some(function("raced", 4096)),
     };
-    let producer: FutureProducer = KafkaSettings::new(bootstrap()).durable_producer_config().create().expect("producer");
+    let producer: FutureProducer = KafkaSettings::new(bootstrap())
+        .durable_producer_config()
+        .create()
+        .expect("producer");
     producer
         .send(
-            FutureRecord::to(&topic).key(&key.to_string()).payload(&serde_json::to_vec(&stale).expect("json")),
+            FutureRecord::to(&topic)
+                .key(&key.to_string())
+                .payload(&serde_json::to_vec(&stale).expect("json")),
             Duration::from_secs(10),
         )
         .await

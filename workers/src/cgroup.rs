@@ -22,18 +22,27 @@ impl CgroupMode {
     #[must_use]
     pub fn detect() -> Self {
         let root = Path::new("/sys/fs/cgroup");
-        let v2_controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-        if ["memory", "cpu", "pids"].iter().all(|c| v2_controllers.split_whitespace().any(|x| x == *c)) {
+        let v2_controllers =
+            std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        if ["memory", "cpu", "pids"]
+            .iter()
+            .all(|c| v2_controllers.split_whitespace().any(|x| x == *c))
+        {
             let parent = root.join("sluice");
             if std::fs::create_dir_all(&parent).is_ok()
                 && std::fs::write(root.join("cgroup.subtree_control"), "+memory +cpu +pids").is_ok()
-                && std::fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu +pids").is_ok()
+                && std::fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu +pids")
+                    .is_ok()
             {
                 return CgroupMode::V2(parent);
             }
         }
-        if ["memory", "cpu", "pids"].iter().all(|c| root.join(c).join("cgroup.procs").exists())
-            && ["memory", "cpu", "pids"].iter().all(|c| std::fs::create_dir_all(root.join(c).join("sluice")).is_ok())
+        if ["memory", "cpu", "pids"]
+            .iter()
+            .all(|c| root.join(c).join("cgroup.procs").exists())
+            && ["memory", "cpu", "pids"]
+                .iter()
+                .all(|c| std::fs::create_dir_all(root.join(c).join("sluice")).is_ok())
         {
             return CgroupMode::V1(root.to_path_buf());
         }
@@ -83,7 +92,10 @@ impl Cgroup {
             CgroupMode::V2(parent) => {
                 let dir = parent.join(name);
                 std::fs::create_dir_all(&dir)?;
-                let cg = Cgroup { dirs: vec![dir.clone()], mode: mode.clone() };
+                let cg = Cgroup {
+                    dirs: vec![dir.clone()],
+                    mode: mode.clone(),
+                };
                 std::fs::write(dir.join("memory.max"), limits.memory_bytes.to_string())?;
                 let _ = std::fs::write(dir.join("memory.swap.max"), "0");
                 std::fs::write(dir.join("pids.max"), limits.pids.to_string())?;
@@ -97,9 +109,18 @@ impl Cgroup {
                 for d in [&mem, &cpu, &pids] {
                     std::fs::create_dir_all(d)?;
                 }
-                let cg = Cgroup { dirs: vec![mem.clone(), cpu.clone(), pids.clone()], mode: mode.clone() };
-                std::fs::write(mem.join("memory.limit_in_bytes"), limits.memory_bytes.to_string())?;
-                let _ = std::fs::write(mem.join("memory.memsw.limit_in_bytes"), limits.memory_bytes.to_string());
+                let cg = Cgroup {
+                    dirs: vec![mem.clone(), cpu.clone(), pids.clone()],
+                    mode: mode.clone(),
+                };
+                std::fs::write(
+                    mem.join("memory.limit_in_bytes"),
+                    limits.memory_bytes.to_string(),
+                )?;
+                let _ = std::fs::write(
+                    mem.join("memory.memsw.limit_in_bytes"),
+                    limits.memory_bytes.to_string(),
+                );
                 let _ = std::fs::write(mem.join("memory.swappiness"), "0");
                 std::fs::write(pids.join("pids.max"), limits.pids.to_string())?;
                 std::fs::write(cpu.join("cpu.cfs_period_us"), CFS_PERIOD_US.to_string())?;
@@ -149,7 +170,11 @@ impl Cgroup {
             CgroupMode::V2(_) => "memory.current",
             _ => "memory.usage_in_bytes",
         };
-        std::fs::read_to_string(self.memory_dir().join(file)).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.memory_dir().join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Kills every process in the sandbox and removes the groups, waiting up to `timeout` for
@@ -159,9 +184,15 @@ impl Cgroup {
         loop {
             let pids = self.pids();
             for pid in &pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
-            let removed = self.dirs.iter().all(|d| !d.exists() || std::fs::remove_dir(d).is_ok());
+            let removed = self
+                .dirs
+                .iter()
+                .all(|d| !d.exists() || std::fs::remove_dir(d).is_ok());
             if removed {
                 return true;
             }

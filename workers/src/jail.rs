@@ -49,7 +49,10 @@ impl JailConfig {
         Self {
             agent: find_agent(),
             run_dir: PathBuf::from("/run/sluice/jail"),
-            ro_binds: ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc"].iter().map(PathBuf::from).collect(),
+            ro_binds: ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc"]
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
             uid_base: 100_000,
             uid_count: 60_000,
             tmp_size_mb: 512,
@@ -149,8 +152,13 @@ impl SandboxBackend for JailBackend {
         "jail"
     }
 
-    async fn launch(&self, id: u64, spec: &FunctionSpec) -> Result<(Pin<Box<dyn Channel>>, Box<dyn Isolation>), BootError> {
-        let setup = |what: &str, e: &dyn std::fmt::Display| BootError::Setup(format!("{what}: {e}"));
+    async fn launch(
+        &self,
+        id: u64,
+        spec: &FunctionSpec,
+    ) -> Result<(Pin<Box<dyn Channel>>, Box<dyn Isolation>), BootError> {
+        let setup =
+            |what: &str, e: &dyn std::fmt::Display| BootError::Setup(format!("{what}: {e}"));
         let name = format!("sb-{}-{id}", std::process::id());
         let root_dir = self.config.run_dir.join(&name);
         std::fs::create_dir_all(&root_dir).map_err(|e| setup("create the root mount point", &e))?;
@@ -160,7 +168,8 @@ impl SandboxBackend for JailBackend {
             &name,
             Limits {
                 memory_bytes,
-                cpu_millicores: (spec.memory_mb * 1000 / MIB_PER_VCPU).max(self.config.min_cpu_millicores),
+                cpu_millicores: (spec.memory_mb * 1000 / MIB_PER_VCPU)
+                    .max(self.config.min_cpu_millicores),
                 pids: 1024,
             },
         )
@@ -180,8 +189,10 @@ impl SandboxBackend for JailBackend {
             },
             seccomp: self.config.seccomp,
         };
-        let json = serde_json::to_string(&jail_spec).map_err(|e| setup("encode the jail spec", &e))?;
-        let (host_end, agent_end) = StdUnixStream::pair().map_err(|e| setup("create the agent channel", &e))?;
+        let json =
+            serde_json::to_string(&jail_spec).map_err(|e| setup("encode the jail spec", &e))?;
+        let (host_end, agent_end) =
+            StdUnixStream::pair().map_err(|e| setup("create the agent channel", &e))?;
         let child = Command::new(&self.config.agent)
             .arg("jail")
             .arg(json)
@@ -210,10 +221,17 @@ impl SandboxBackend for JailBackend {
             let mut b = [0u8; 1];
             stream.read_exact(&mut b).await?;
             if b[0] != SYNC_UNSHARED {
-                return Err(std::io::Error::other(format!("unexpected handshake byte {}", b[0])));
+                return Err(std::io::Error::other(format!(
+                    "unexpected handshake byte {}",
+                    b[0]
+                )));
             }
-            let pid = jail.child.id().ok_or_else(|| std::io::Error::other("stage 1 exited"))?;
-            let uid = self.config.uid_base + u32::try_from(id % u64::from(self.config.uid_count)).unwrap_or(0);
+            let pid = jail
+                .child
+                .id()
+                .ok_or_else(|| std::io::Error::other("stage 1 exited"))?;
+            let uid = self.config.uid_base
+                + u32::try_from(id % u64::from(self.config.uid_count)).unwrap_or(0);
             write_id_maps(pid, uid)?;
             stream.write_all(&[SYNC_MAPPED]).await?;
             Ok::<_, std::io::Error>(stream)
@@ -223,7 +241,9 @@ impl SandboxBackend for JailBackend {
             Ok(Err(e)) => {
                 let status = jail.child.try_wait().ok().flatten();
                 Box::new(jail).destroy().await;
-                Err(BootError::Setup(format!("jail handshake: {e} (agent status {status:?})")))
+                Err(BootError::Setup(format!(
+                    "jail handshake: {e} (agent status {status:?})"
+                )))
             }
             Err(_) => {
                 Box::new(jail).destroy().await;

@@ -30,7 +30,11 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        Self { memory_budget_mb: 4096, idle_timeout: Duration::from_secs(300), init_timeout: Duration::from_secs(10) }
+        Self {
+            memory_budget_mb: 4096,
+            idle_timeout: Duration::from_secs(300),
+            init_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -38,7 +42,9 @@ impl Default for PoolConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     /// The node's memory budget is taken by busy sandboxes.
-    #[error("no capacity on this node: {needed_mb} MiB needed, {free_mb} MiB of {budget_mb} MiB free")]
+    #[error(
+        "no capacity on this node: {needed_mb} MiB needed, {free_mb} MiB of {budget_mb} MiB free"
+    )]
     NoCapacity {
         /// What the function needs.
         needed_mb: u64,
@@ -96,7 +102,11 @@ pub struct Pool {
 impl Pool {
     /// A pool over `backend`; `logs` receives the functions' log lines.
     #[must_use]
-    pub fn new(backend: Arc<dyn SandboxBackend>, config: PoolConfig, logs: Option<mpsc::Sender<LogLine>>) -> Self {
+    pub fn new(
+        backend: Arc<dyn SandboxBackend>,
+        config: PoolConfig,
+        logs: Option<mpsc::Sender<LogLine>>,
+    ) -> Self {
         Self {
             backend,
             config,
@@ -107,7 +117,9 @@ impl Pool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sandboxes that are idle now.
@@ -128,7 +140,12 @@ impl Pool {
     /// [`PoolError::NoCapacity`] when the budget is taken by busy sandboxes;
     /// [`PoolError::Boot`] when the host cannot set a sandbox up. Init errors and every function
     /// failure are outcomes, not errors.
-    pub async fn invoke(&self, spec: &Arc<FunctionSpec>, request_id: &str, payload: Vec<u8>) -> Result<Invocation, PoolError> {
+    pub async fn invoke(
+        &self,
+        spec: &Arc<FunctionSpec>,
+        request_id: &str,
+        payload: Vec<u8>,
+    ) -> Result<Invocation, PoolError> {
         let key: Key = (spec.name.clone(), spec.revision);
         let (warm, evicted) = self.take_or_reserve(&key, spec.memory_mb)?;
         for sb in evicted {
@@ -140,7 +157,15 @@ impl Pool {
             None => {
                 let started = Instant::now();
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                match Sandbox::boot(&*self.backend, id, Arc::clone(spec), self.config.init_timeout, self.logs.clone()).await {
+                match Sandbox::boot(
+                    &*self.backend,
+                    id,
+                    Arc::clone(spec),
+                    self.config.init_timeout,
+                    self.logs.clone(),
+                )
+                .await
+                {
                     Ok(sb) => {
                         let took = started.elapsed();
                         metrics::histogram!("sluice_sandbox_boot_seconds", "backend" => self.backend.name()).record(took.as_secs_f64());
@@ -149,8 +174,14 @@ impl Pool {
                     Err(e) => {
                         self.release(spec.memory_mb, false);
                         return match e {
-                            BootError::Init { error_type, payload } => Ok(Invocation {
-                                outcome: InvokeOutcome::InitError { error_type, payload },
+                            BootError::Init {
+                                error_type,
+                                payload,
+                            } => Ok(Invocation {
+                                outcome: InvokeOutcome::InitError {
+                                    error_type,
+                                    payload,
+                                },
                                 cold_start: true,
                                 init_duration: Some(started.elapsed()),
                                 duration: Duration::ZERO,
@@ -176,15 +207,25 @@ impl Pool {
             st.idle.entry(key).or_default().push(sandbox);
         } else {
             self.release(spec.memory_mb, true);
-            metrics::counter!("sluice_sandbox_replaced_total", "function" => spec.name.clone()).increment(1);
+            metrics::counter!("sluice_sandbox_replaced_total", "function" => spec.name.clone())
+                .increment(1);
             tokio::spawn(sandbox.destroy());
         }
-        Ok(Invocation { outcome, cold_start, init_duration, duration })
+        Ok(Invocation {
+            outcome,
+            cold_start,
+            init_duration,
+            duration,
+        })
     }
 
     /// Takes an idle sandbox of `key`, or reserves `memory_mb` for a new one (returning the idle
     /// sandboxes evicted to make room).
-    fn take_or_reserve(&self, key: &Key, memory_mb: u64) -> Result<(Option<Sandbox>, Vec<Sandbox>), PoolError> {
+    fn take_or_reserve(
+        &self,
+        key: &Key,
+        memory_mb: u64,
+    ) -> Result<(Option<Sandbox>, Vec<Sandbox>), PoolError> {
         let mut st = self.lock();
         if let Some(sb) = st.idle.get_mut(key).and_then(Vec::pop) {
             st.busy += 1;
@@ -217,7 +258,11 @@ impl Pool {
             for sb in evicted {
                 tokio::spawn(sb.destroy());
             }
-            return Err(PoolError::NoCapacity { needed_mb: memory_mb, free_mb, budget_mb: budget });
+            return Err(PoolError::NoCapacity {
+                needed_mb: memory_mb,
+                free_mb,
+                budget_mb: budget,
+            });
         }
         st.used_mb += memory_mb;
         st.busy += 1;
@@ -239,8 +284,9 @@ impl Pool {
             let mut st = self.lock();
             let mut out = Vec::new();
             for list in st.idle.values_mut() {
-                let (old, keep): (Vec<_>, Vec<_>) =
-                    list.drain(..).partition(|sb| now.duration_since(sb.last_used) >= self.config.idle_timeout);
+                let (old, keep): (Vec<_>, Vec<_>) = list
+                    .drain(..)
+                    .partition(|sb| now.duration_since(sb.last_used) >= self.config.idle_timeout);
                 *list = keep;
                 out.extend(old);
             }
@@ -262,13 +308,17 @@ impl Pool {
 
     /// Runs the idle reaper until `cancel`, then destroys every idle sandbox.
     pub async fn run_reaper(self, cancel: CancellationToken) {
-        let period = (self.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        let period = (self.config.idle_timeout / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(10));
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep(period) => { self.reap_idle().await; }
             }
-            let (idle, used) = { let st = self.lock(); (st.idle.values().map(Vec::len).sum::<usize>(), st.used_mb) };
+            let (idle, used) = {
+                let st = self.lock();
+                (st.idle.values().map(Vec::len).sum::<usize>(), st.used_mb)
+            };
             metrics::gauge!("sluice_sandboxes_idle").set(idle as f64);
             metrics::gauge!("sluice_sandbox_memory_reserved_mib").set(used as f64);
         }

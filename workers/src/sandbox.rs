@@ -73,7 +73,11 @@ pub trait SandboxBackend: Send + Sync {
     /// Its name (`jail`, `kvm`).
     fn name(&self) -> &'static str;
     /// Starts the isolation with the agent inside, returning the channel to the agent.
-    async fn launch(&self, id: u64, spec: &FunctionSpec) -> Result<(Pin<Box<dyn Channel>>, Box<dyn Isolation>), BootError>;
+    async fn launch(
+        &self,
+        id: u64,
+        spec: &FunctionSpec,
+    ) -> Result<(Pin<Box<dyn Channel>>, Box<dyn Isolation>), BootError>;
 }
 
 /// Why a sandbox did not come up.
@@ -138,7 +142,10 @@ impl InvokeOutcome {
     /// Whether the sandbox may serve another invocation after this outcome.
     #[must_use]
     pub fn sandbox_survives(&self) -> bool {
-        matches!(self, InvokeOutcome::Response(_) | InvokeOutcome::FunctionError { .. })
+        matches!(
+            self,
+            InvokeOutcome::Response(_) | InvokeOutcome::FunctionError { .. }
+        )
     }
 
     /// Lambda's error type and body for an error outcome (`None` for a response), as the Invoke
@@ -151,11 +158,20 @@ impl InvokeOutcome {
         };
         match self {
             InvokeOutcome::Response(_) => None,
-            InvokeOutcome::FunctionError { error_type, payload }
-            | InvokeOutcome::InitError { error_type, payload } => Some((error_type.clone(), payload.clone())),
+            InvokeOutcome::FunctionError {
+                error_type,
+                payload,
+            }
+            | InvokeOutcome::InitError {
+                error_type,
+                payload,
+            } => Some((error_type.clone(), payload.clone())),
             InvokeOutcome::Timeout { after } => Some(body(
                 "Sandbox.Timedout",
-                format!("RequestId: {request_id} Error: Task timed out after {:.2} seconds", after.as_secs_f64()),
+                format!(
+                    "RequestId: {request_id} Error: Task timed out after {:.2} seconds",
+                    after.as_secs_f64()
+                ),
             )),
             InvokeOutcome::Crashed { reason } => Some(body(
                 "Runtime.ExitError",
@@ -214,7 +230,9 @@ fn describe_exit(code: i64, signal: i64) -> String {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Sandbox {
@@ -281,10 +299,16 @@ impl Sandbox {
         while let Some(frame) = self.events.recv().await {
             match frame {
                 Frame::Ready => return Ok(()),
-                Frame::InitError { error_type, payload } => init_error = Some((error_type, payload)),
+                Frame::InitError {
+                    error_type,
+                    payload,
+                } => init_error = Some((error_type, payload)),
                 Frame::Exited { code, signal } => {
                     return Err(match init_error {
-                        Some((error_type, payload)) => BootError::Init { error_type, payload },
+                        Some((error_type, payload)) => BootError::Init {
+                            error_type,
+                            payload,
+                        },
                         None => BootError::Exited(describe_exit(code, signal)),
                     })
                 }
@@ -292,7 +316,10 @@ impl Sandbox {
             }
         }
         Err(match init_error {
-            Some((error_type, payload)) => BootError::Init { error_type, payload },
+            Some((error_type, payload)) => BootError::Init {
+                error_type,
+                payload,
+            },
             None => BootError::Exited("the sandbox closed its channel".into()),
         })
     }
@@ -323,7 +350,12 @@ impl Sandbox {
 
     /// Runs one invocation. On timeout the sandbox is killed (outcome [`InvokeOutcome::Timeout`]);
     /// a sandbox whose outcome does not survive must be destroyed by the caller.
-    pub async fn invoke(&mut self, request_id: &str, payload: Vec<u8>, trace_id: &str) -> InvokeOutcome {
+    pub async fn invoke(
+        &mut self,
+        request_id: &str,
+        payload: Vec<u8>,
+        trace_id: &str,
+    ) -> InvokeOutcome {
         let timeout = self.spec.timeout;
         let deadline_ms = now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let frame = Frame::Invoke(Invoke {
@@ -363,13 +395,31 @@ impl Sandbox {
     async fn wait_result(&mut self, request_id: &str) -> InvokeOutcome {
         while let Some(frame) = self.events.recv().await {
             match frame {
-                Frame::Response { request_id: id, payload } if id == request_id => {
+                Frame::Response {
+                    request_id: id,
+                    payload,
+                } if id == request_id => {
                     return InvokeOutcome::Response(payload);
                 }
-                Frame::FunctionError { request_id: id, error_type, payload } if id == request_id => {
-                    return InvokeOutcome::FunctionError { error_type, payload };
+                Frame::FunctionError {
+                    request_id: id,
+                    error_type,
+                    payload,
+                } if id == request_id => {
+                    return InvokeOutcome::FunctionError {
+                        error_type,
+                        payload,
+                    };
                 }
-                Frame::InitError { error_type, payload } => return InvokeOutcome::InitError { error_type, payload },
+                Frame::InitError {
+                    error_type,
+                    payload,
+                } => {
+                    return InvokeOutcome::InitError {
+                        error_type,
+                        payload,
+                    }
+                }
                 Frame::Exited { code, signal } => {
                     self.dead = true;
                     // The kernel's OOM kill shows as SIGKILL; give the cgroup a moment to count it.
@@ -408,7 +458,11 @@ async fn pump(
             Ok(Some(Frame::Log { request_id, line })) => {
                 tracing::info!(target: "function", function = %function, request_id = %request_id, "{line}");
                 if let Some(logs) = &logs {
-                    let _ = logs.try_send(LogLine { function: function.clone(), request_id, line });
+                    let _ = logs.try_send(LogLine {
+                        function: function.clone(),
+                        request_id,
+                        line,
+                    });
                 }
             }
             Ok(Some(frame)) => {

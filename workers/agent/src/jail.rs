@@ -86,11 +86,17 @@ pub enum JailError {
 }
 
 fn sys<T>(step: impl Into<String>, r: nix::Result<T>) -> Result<T, JailError> {
-    r.map_err(|source| JailError::Sys { step: step.into(), source })
+    r.map_err(|source| JailError::Sys {
+        step: step.into(),
+        source,
+    })
 }
 
 fn io<T>(step: impl Into<String>, r: std::io::Result<T>) -> Result<T, JailError> {
-    r.map_err(|source| JailError::Io { step: step.into(), source })
+    r.map_err(|source| JailError::Io {
+        step: step.into(),
+        source,
+    })
 }
 
 /// Stage 1, on the host side of the namespaces. Returns once this process is uid 0 in its new
@@ -100,10 +106,16 @@ fn io<T>(step: impl Into<String>, r: std::io::Result<T>) -> Result<T, JailError>
 /// Any failed step, named.
 pub fn stage1<C: Read + Write>(spec: &JailSpec, channel: &mut C) -> Result<(), JailError> {
     // If the host dies, so does the sandbox.
-    sys("set the parent-death signal", nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL))?;
+    sys(
+        "set the parent-death signal",
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL),
+    )?;
     let pid = std::process::id().to_string();
     for procs in &spec.cgroup_procs {
-        io(format!("join cgroup {}", procs.display()), std::fs::write(procs, &pid))?;
+        io(
+            format!("join cgroup {}", procs.display()),
+            std::fs::write(procs, &pid),
+        )?;
     }
     set_rlimits(&spec.rlimits)?;
     sys(
@@ -117,23 +129,44 @@ pub fn stage1<C: Read + Write>(spec: &JailSpec, channel: &mut C) -> Result<(), J
                 | CloneFlags::CLONE_NEWUTS,
         ),
     )?;
-    io("ask the host for ID maps", channel.write_all(&[SYNC_UNSHARED]))?;
+    io(
+        "ask the host for ID maps",
+        channel.write_all(&[SYNC_UNSHARED]),
+    )?;
     let mut b = [0u8; 1];
     io("wait for ID maps", channel.read_exact(&mut b))?;
     if b[0] != SYNC_MAPPED {
-        return Err(JailError::Handshake(format!("expected {SYNC_MAPPED}, got {}", b[0])));
+        return Err(JailError::Handshake(format!(
+            "expected {SYNC_MAPPED}, got {}",
+            b[0]
+        )));
     }
-    sys("become gid 0 in the sandbox", setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)))?;
-    sys("become uid 0 in the sandbox", setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)))?;
+    sys(
+        "become gid 0 in the sandbox",
+        setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)),
+    )?;
+    sys(
+        "become uid 0 in the sandbox",
+        setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)),
+    )?;
     Ok(())
 }
 
 fn set_rlimits(r: &Rlimits) -> Result<(), JailError> {
-    sys("set RLIMIT_NOFILE", setrlimit(Resource::RLIMIT_NOFILE, r.nofile, r.nofile))?;
-    sys("set RLIMIT_FSIZE", setrlimit(Resource::RLIMIT_FSIZE, r.file_size_bytes, r.file_size_bytes))?;
+    sys(
+        "set RLIMIT_NOFILE",
+        setrlimit(Resource::RLIMIT_NOFILE, r.nofile, r.nofile),
+    )?;
+    sys(
+        "set RLIMIT_FSIZE",
+        setrlimit(Resource::RLIMIT_FSIZE, r.file_size_bytes, r.file_size_bytes),
+    )?;
     sys("set RLIMIT_CORE", setrlimit(Resource::RLIMIT_CORE, 0, 0))?;
     if let Some(bytes) = r.address_space_bytes {
-        sys("set RLIMIT_AS", setrlimit(Resource::RLIMIT_AS, bytes, bytes))?;
+        sys(
+            "set RLIMIT_AS",
+            setrlimit(Resource::RLIMIT_AS, bytes, bytes),
+        )?;
     }
     Ok(())
 }
@@ -144,7 +177,10 @@ fn set_rlimits(r: &Rlimits) -> Result<(), JailError> {
 /// Any failed step, named.
 pub fn stage2(spec: &JailSpec) -> Result<(), JailError> {
     // Stage 1 dying (the host's kill) takes PID 1 and so the whole namespace with it.
-    sys("set the parent-death signal", nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL))?;
+    sys(
+        "set the parent-death signal",
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL),
+    )?;
     let none: Option<&str> = None;
     sys(
         "make mounts private",
@@ -153,7 +189,13 @@ pub fn stage2(spec: &JailSpec) -> Result<(), JailError> {
     let root = &spec.root_dir;
     sys(
         format!("mount the root tmpfs on {}", root.display()),
-        mount(Some("tmpfs"), root, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("size=1m,mode=0755")),
+        mount(
+            Some("tmpfs"),
+            root,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("size=1m,mode=0755"),
+        ),
     )?;
     for dir in &spec.ro_binds {
         if dir.exists() {
@@ -187,14 +229,29 @@ pub fn stage2(spec: &JailSpec) -> Result<(), JailError> {
         ),
     )?;
     let old = root.join(".old-root");
-    io("create the old-root mount point", std::fs::create_dir_all(&old))?;
+    io(
+        "create the old-root mount point",
+        std::fs::create_dir_all(&old),
+    )?;
     sys("pivot_root", pivot_root(root, &old))?;
     sys("chdir /", chdir("/"))?;
-    sys("detach the host's root", umount2("/.old-root", MntFlags::MNT_DETACH))?;
-    io("remove the old-root mount point", std::fs::remove_dir("/.old-root"))?;
+    sys(
+        "detach the host's root",
+        umount2("/.old-root", MntFlags::MNT_DETACH),
+    )?;
+    io(
+        "remove the old-root mount point",
+        std::fs::remove_dir("/.old-root"),
+    )?;
     sys(
         "make the root read-only",
-        mount(none, "/", none, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, none),
+        mount(
+            none,
+            "/",
+            none,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            none,
+        ),
     )?;
     sys("set the host name", sethostname("sandbox"))?;
     loopback_up()?;
@@ -212,14 +269,27 @@ fn inside(root: &Path, dir: &Path) -> PathBuf {
 
 fn bind_ro(src: &Path, dst: &Path) -> Result<(), JailError> {
     let none: Option<&str> = None;
-    io(format!("create {}", dst.display()), std::fs::create_dir_all(dst))?;
+    io(
+        format!("create {}", dst.display()),
+        std::fs::create_dir_all(dst),
+    )?;
     sys(
         format!("bind {} on {}", src.display(), dst.display()),
-        mount(Some(src), dst, none, MsFlags::MS_BIND | MsFlags::MS_REC, none),
+        mount(
+            Some(src),
+            dst,
+            none,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            none,
+        ),
     )?;
     // In a user namespace a remount must keep the flags the host mount has locked.
     let current = sys(format!("statvfs {}", dst.display()), statvfs(dst))?.flags();
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let mut flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV;
     for (fs, ms) in [
         (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
         (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
@@ -230,7 +300,10 @@ fn bind_ro(src: &Path, dst: &Path) -> Result<(), JailError> {
             flags |= ms;
         }
     }
-    sys(format!("make {} read-only", dst.display()), mount(none, dst, none, flags, none))
+    sys(
+        format!("make {} read-only", dst.display()),
+        mount(none, dst, none, flags, none),
+    )
 }
 
 fn make_dev(root: &Path) -> Result<(), JailError> {
@@ -239,35 +312,68 @@ fn make_dev(root: &Path) -> Result<(), JailError> {
     io("create /dev", std::fs::create_dir_all(&dev))?;
     sys(
         "mount /dev",
-        mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("size=64k,mode=0755")),
+        mount(
+            Some("tmpfs"),
+            &dev,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("size=64k,mode=0755"),
+        ),
     )?;
     for name in ["null", "zero", "full", "random", "urandom"] {
         let target = dev.join(name);
         io(format!("create /dev/{name}"), std::fs::write(&target, b""))?;
         sys(
             format!("bind /dev/{name}"),
-            mount(Some(Path::new("/dev").join(name).as_path()), &target, none, MsFlags::MS_BIND, none),
+            mount(
+                Some(Path::new("/dev").join(name).as_path()),
+                &target,
+                none,
+                MsFlags::MS_BIND,
+                none,
+            ),
         )?;
     }
-    for (link, to) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
-        io(format!("link /dev/{link}"), std::os::unix::fs::symlink(to, dev.join(link)))?;
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        io(
+            format!("link /dev/{link}"),
+            std::os::unix::fs::symlink(to, dev.join(link)),
+        )?;
     }
     sys(
         "make /dev read-only",
-        mount(none, &dev, none, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, none),
+        mount(
+            none,
+            &dev,
+            none,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            none,
+        ),
     )
 }
 
 /// Brings up `lo` (interface index 1 in a new network namespace) with one rtnetlink request.
 fn loopback_up() -> Result<(), JailError> {
-    use nix::sys::socket::{recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
+    use nix::sys::socket::{
+        recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
+    };
     const RTM_NEWLINK: u16 = 16;
     const NLM_F_REQUEST: u16 = 1;
     const NLM_F_ACK: u16 = 4;
     const IFF_UP: u32 = 1;
     let fd = sys(
         "open a netlink socket",
-        socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute),
+        socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        ),
     )?;
     let mut msg = Vec::with_capacity(32);
     msg.extend_from_slice(&32u32.to_ne_bytes()); // nlmsg_len
@@ -282,9 +388,15 @@ fn loopback_up() -> Result<(), JailError> {
     msg.extend_from_slice(&IFF_UP.to_ne_bytes()); // ifi_change
     use std::os::fd::AsRawFd;
     // An unconnected netlink socket sends to the kernel (port 0).
-    sys("send the link-up request", send(fd.as_raw_fd(), &msg, MsgFlags::empty()))?;
+    sys(
+        "send the link-up request",
+        send(fd.as_raw_fd(), &msg, MsgFlags::empty()),
+    )?;
     let mut ack = [0u8; 256];
-    let n = sys("read the link-up answer", recv(fd.as_raw_fd(), &mut ack, MsgFlags::empty()))?;
+    let n = sys(
+        "read the link-up answer",
+        recv(fd.as_raw_fd(), &mut ack, MsgFlags::empty()),
+    )?;
     // nlmsgerr: header (16 bytes) then i32 error (0 = success).
     if n >= 20 {
         let err = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
@@ -401,10 +513,18 @@ pub mod seccomp {
     pub fn program() -> Result<BpfProgram, JailError> {
         let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
             FORBIDDEN.iter().map(|(_, nr)| (*nr, Vec::new())).collect();
-        let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| JailError::Seccomp(e.to_string()))?;
-        let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::KillProcess, arch)
+        let arch = TargetArch::try_from(std::env::consts::ARCH)
             .map_err(|e| JailError::Seccomp(e.to_string()))?;
-        filter.try_into().map_err(|e: seccompiler::BackendError| JailError::Seccomp(e.to_string()))
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::KillProcess,
+            arch,
+        )
+        .map_err(|e| JailError::Seccomp(e.to_string()))?;
+        filter
+            .try_into()
+            .map_err(|e: seccompiler::BackendError| JailError::Seccomp(e.to_string()))
     }
 
     /// Installs the filter on this process (inherited by everything it starts).
@@ -413,7 +533,9 @@ pub mod seccomp {
     /// When the filter cannot be built or the kernel refuses it.
     pub fn install() -> Result<(), JailError> {
         if !cfg!(target_arch = "x86_64") {
-            return Err(JailError::Seccomp("the filter's system call numbers are for x86_64 only".into()));
+            return Err(JailError::Seccomp(
+                "the filter's system call numbers are for x86_64 only".into(),
+            ));
         }
         let prog = program()?;
         apply_filter(&prog).map_err(|e| JailError::Seccomp(e.to_string()))

@@ -165,7 +165,9 @@ struct Reader<'a>(&'a [u8]);
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         if self.0.len() < n {
-            return Err(ProtocolError::Malformed("field runs past the end of the frame"));
+            return Err(ProtocolError::Malformed(
+                "field runs past the end of the frame",
+            ));
         }
         let (head, rest) = self.0.split_at(n);
         self.0 = rest;
@@ -189,13 +191,16 @@ impl<'a> Reader<'a> {
         Ok(self.take(n)?.to_vec())
     }
     fn str(&mut self) -> Result<String, ProtocolError> {
-        String::from_utf8(self.bytes()?).map_err(|_| ProtocolError::Malformed("string is not UTF-8"))
+        String::from_utf8(self.bytes()?)
+            .map_err(|_| ProtocolError::Malformed("string is not UTF-8"))
     }
     fn end(self) -> Result<(), ProtocolError> {
         if self.0.is_empty() {
             Ok(())
         } else {
-            Err(ProtocolError::Malformed("trailing bytes after the last field"))
+            Err(ProtocolError::Malformed(
+                "trailing bytes after the last field",
+            ))
         }
     }
 }
@@ -228,16 +233,26 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
             w.bytes(&i.payload);
         }
         Frame::Shutdown | Frame::Ready => {}
-        Frame::Response { request_id, payload } => {
+        Frame::Response {
+            request_id,
+            payload,
+        } => {
             w.str(request_id);
             w.bytes(payload);
         }
-        Frame::FunctionError { request_id, error_type, payload } => {
+        Frame::FunctionError {
+            request_id,
+            error_type,
+            payload,
+        } => {
             w.str(request_id);
             w.str(error_type);
             w.bytes(payload);
         }
-        Frame::InitError { error_type, payload } => {
+        Frame::InitError {
+            error_type,
+            payload,
+        } => {
             w.str(error_type);
             w.bytes(payload);
         }
@@ -293,13 +308,22 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<Frame, ProtocolError> 
             let n = r.u64()?;
             // Each pair takes at least 8 bytes, so `n` cannot make us allocate past the frame.
             if n > (r.0.len() / 8) as u64 {
-                return Err(ProtocolError::Malformed("environment count exceeds the frame"));
+                return Err(ProtocolError::Malformed(
+                    "environment count exceeds the frame",
+                ));
             }
             let mut environment = Vec::with_capacity(n as usize);
             for _ in 0..n {
                 environment.push((r.str()?, r.str()?));
             }
-            Frame::Start(Start { function_name, function_version, memory_mb, handler, region, environment })
+            Frame::Start(Start {
+                function_name,
+                function_version,
+                memory_mb,
+                handler,
+                region,
+                environment,
+            })
         }
         2 => Frame::Invoke(Invoke {
             request_id: r.str()?,
@@ -310,11 +334,27 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<Frame, ProtocolError> 
         }),
         3 => Frame::Shutdown,
         16 => Frame::Ready,
-        17 => Frame::Response { request_id: r.str()?, payload: r.bytes()? },
-        18 => Frame::FunctionError { request_id: r.str()?, error_type: r.str()?, payload: r.bytes()? },
-        19 => Frame::InitError { error_type: r.str()?, payload: r.bytes()? },
-        20 => Frame::Log { request_id: r.str()?, line: r.str()? },
-        21 => Frame::Exited { code: r.i64()?, signal: r.i64()? },
+        17 => Frame::Response {
+            request_id: r.str()?,
+            payload: r.bytes()?,
+        },
+        18 => Frame::FunctionError {
+            request_id: r.str()?,
+            error_type: r.str()?,
+            payload: r.bytes()?,
+        },
+        19 => Frame::InitError {
+            error_type: r.str()?,
+            payload: r.bytes()?,
+        },
+        20 => Frame::Log {
+            request_id: r.str()?,
+            line: r.str()?,
+        },
+        21 => Frame::Exited {
+            code: r.i64()?,
+            signal: r.i64()?,
+        },
         other => return Err(ProtocolError::Kind(other)),
     };
     r.end()?;
@@ -331,7 +371,9 @@ pub fn decode(buf: &[u8]) -> Result<Frame, ProtocolError> {
     };
     let (kind, len) = decode_header(header)?;
     if payload.len() != len {
-        return Err(ProtocolError::Malformed("length does not match the payload"));
+        return Err(ProtocolError::Malformed(
+            "length does not match the payload",
+        ));
     }
     decode_payload(kind, payload)
 }
@@ -357,7 +399,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
 ///
 /// # Errors
 /// I/O errors, or [`ProtocolError::TooLarge`].
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), ProtocolError> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+) -> Result<(), ProtocolError> {
     let buf = encode(frame)?;
     w.write_all(&buf).await?;
     w.flush().await?;
@@ -387,11 +432,27 @@ mod tests {
             }),
             Frame::Shutdown,
             Frame::Ready,
-            Frame::Response { request_id: "r".into(), payload: vec![0, 1, 2] },
-            Frame::FunctionError { request_id: "r".into(), error_type: "E".into(), payload: b"x".to_vec() },
-            Frame::InitError { error_type: "E".into(), payload: vec![] },
-            Frame::Log { request_id: String::new(), line: "hello".into() },
-            Frame::Exited { code: -1, signal: 9 },
+            Frame::Response {
+                request_id: "r".into(),
+                payload: vec![0, 1, 2],
+            },
+            Frame::FunctionError {
+                request_id: "r".into(),
+                error_type: "E".into(),
+                payload: b"x".to_vec(),
+            },
+            Frame::InitError {
+                error_type: "E".into(),
+                payload: vec![],
+            },
+            Frame::Log {
+                request_id: String::new(),
+                line: "hello".into(),
+            },
+            Frame::Exited {
+                code: -1,
+                signal: 9,
+            },
         ]
     }
 
@@ -422,7 +483,11 @@ mod tests {
         h[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode_header(&h), Err(ProtocolError::TooLarge(_))));
         // An inner length larger than the frame is malformed, not an allocation.
-        let mut bytes = encode(&Frame::Response { request_id: "r".into(), payload: vec![] }).expect("encode");
+        let mut bytes = encode(&Frame::Response {
+            request_id: "r".into(),
+            payload: vec![],
+        })
+        .expect("encode");
         let n = bytes.len();
         bytes[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode(&bytes), Err(ProtocolError::Malformed(_))));
@@ -430,7 +495,13 @@ mod tests {
 
     #[test]
     fn wrong_version_and_kind_are_named() {
-        assert!(matches!(decode(&[2, 3, 0, 0, 0, 0, 0, 0]), Err(ProtocolError::Version(2))));
-        assert!(matches!(decode(&[1, 99, 0, 0, 0, 0, 0, 0]), Err(ProtocolError::Kind(99))));
+        assert!(matches!(
+            decode(&[2, 3, 0, 0, 0, 0, 0, 0]),
+            Err(ProtocolError::Version(2))
+        ));
+        assert!(matches!(
+            decode(&[1, 99, 0, 0, 0, 0, 0, 0]),
+            Err(ProtocolError::Kind(99))
+        ));
     }
 }

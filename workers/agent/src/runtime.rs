@@ -73,10 +73,16 @@ struct Shared {
 
 impl Shared {
     fn current(&self) -> String {
-        self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
     fn set_current(&self, id: &str) {
-        let mut c = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut c = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         c.clear();
         c.push_str(id);
     }
@@ -94,7 +100,11 @@ where
     let (mut rx, mut tx) = tokio::io::split(channel);
     let start = match read_frame(&mut rx).await? {
         Some(Frame::Start(s)) => s,
-        Some(other) => return Err(AgentError::Sequence(format!("expected Start, got {other:?}"))),
+        Some(other) => {
+            return Err(AgentError::Sequence(format!(
+                "expected Start, got {other:?}"
+            )))
+        }
         None => return Ok(()),
     };
     let (to_host, mut outbox) = mpsc::channel::<Frame>(256);
@@ -116,7 +126,10 @@ where
 
     let listener = tokio::net::TcpListener::bind(config.runtime_api)
         .await
-        .map_err(|source| AgentError::Listen { addr: config.runtime_api, source })?;
+        .map_err(|source| AgentError::Listen {
+            addr: config.runtime_api,
+            source,
+        })?;
     let app = router(Arc::clone(&shared));
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -159,7 +172,10 @@ async fn wait_exit(slot: ExitSlot) -> Frame {
             return f;
         }
         if rx.changed().await.is_err() {
-            return Frame::Exited { code: -1, signal: 0 };
+            return Frame::Exited {
+                code: -1,
+                signal: 0,
+            };
         }
     }
 }
@@ -170,10 +186,19 @@ fn lambda_env(start: &Start, config: &AgentConfig) -> Vec<(String, String)> {
     for (k, v) in [
         ("AWS_LAMBDA_RUNTIME_API", config.runtime_api.to_string()),
         ("AWS_LAMBDA_FUNCTION_NAME", start.function_name.clone()),
-        ("AWS_LAMBDA_FUNCTION_VERSION", start.function_version.clone()),
-        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", start.memory_mb.to_string()),
+        (
+            "AWS_LAMBDA_FUNCTION_VERSION",
+            start.function_version.clone(),
+        ),
+        (
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            start.memory_mb.to_string(),
+        ),
         ("AWS_LAMBDA_LOG_GROUP_NAME", log_group),
-        ("AWS_LAMBDA_LOG_STREAM_NAME", "sluice/[$LATEST]sandbox".to_owned()),
+        (
+            "AWS_LAMBDA_LOG_STREAM_NAME",
+            "sluice/[$LATEST]sandbox".to_owned(),
+        ),
         ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand".to_owned()),
         ("AWS_REGION", start.region.clone()),
         ("AWS_DEFAULT_REGION", start.region.clone()),
@@ -181,7 +206,11 @@ fn lambda_env(start: &Start, config: &AgentConfig) -> Vec<(String, String)> {
         ("LAMBDA_TASK_ROOT", config.task_root.display().to_string()),
         ("LAMBDA_RUNTIME_DIR", "/var/runtime".to_owned()),
         ("PATH", "/usr/local/bin:/usr/bin:/bin:/opt/bin".to_owned()),
-        ("LD_LIBRARY_PATH", "/lib64:/usr/lib64:/var/runtime:/var/runtime/lib:/var/task:/var/task/lib:/opt/lib".to_owned()),
+        (
+            "LD_LIBRARY_PATH",
+            "/lib64:/usr/lib64:/var/runtime:/var/runtime/lib:/var/task:/var/task/lib:/opt/lib"
+                .to_owned(),
+        ),
         ("LANG", "en_US.UTF-8".to_owned()),
         ("TZ", ":UTC".to_owned()),
         ("HOME", "/tmp".to_owned()),
@@ -217,13 +246,22 @@ fn spawn_bootstrap(start: &Start, config: &AgentConfig, shared: &Arc<Shared>) ->
                 error_type: "Runtime.InvalidEntrypoint".into(),
                 payload: payload.to_string().into_bytes(),
             });
-            slot.send_replace(Some(Frame::Exited { code: 127, signal: 0 }));
+            slot.send_replace(Some(Frame::Exited {
+                code: 127,
+                signal: 0,
+            }));
             return slot;
         }
     };
     let outputs: Vec<Box<dyn std::io::Read + Send>> = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -234,7 +272,10 @@ fn spawn_bootstrap(start: &Start, config: &AgentConfig, shared: &Arc<Shared>) ->
             for line in std::io::BufReader::new(out).split(b'\n') {
                 let Ok(line) = line else { break };
                 let line = String::from_utf8_lossy(&line).into_owned();
-                let frame = Frame::Log { request_id: shared.current(), line };
+                let frame = Frame::Log {
+                    request_id: shared.current(),
+                    line,
+                };
                 if shared.to_host.blocking_send(frame).is_err() {
                     break;
                 }
@@ -250,7 +291,10 @@ fn spawn_bootstrap(start: &Start, config: &AgentConfig, shared: &Arc<Shared>) ->
                 code: s.code().map_or(-1, i64::from),
                 signal: s.signal().map_or(0, i64::from),
             },
-            Err(_) => Frame::Exited { code: -1, signal: 0 },
+            Err(_) => Frame::Exited {
+                code: -1,
+                signal: 0,
+            },
         };
         waiter.send_replace(Some(frame));
         // As PID 1, adopt and reap whatever the runtime left behind.
@@ -258,7 +302,9 @@ fn spawn_bootstrap(start: &Start, config: &AgentConfig, shared: &Arc<Shared>) ->
             loop {
                 match nix::sys::wait::waitpid(None, None) {
                     Ok(_) => {}
-                    Err(nix::errno::Errno::ECHILD) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(nix::errno::Errno::ECHILD) => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -270,7 +316,10 @@ fn spawn_bootstrap(start: &Start, config: &AgentConfig, shared: &Arc<Shared>) ->
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/2018-06-01/runtime/invocation/next", get(next))
-        .route("/2018-06-01/runtime/invocation/{id}/response", post(response))
+        .route(
+            "/2018-06-01/runtime/invocation/{id}/response",
+            post(response),
+        )
         .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
         .route("/2018-06-01/runtime/init/error", post(init_error))
         .layer(DefaultBodyLimit::max(MAX_RESPONSE_BYTES + 1))
@@ -279,12 +328,20 @@ fn router(shared: Arc<Shared>) -> Router {
 
 fn api_error(status: StatusCode, error_type: &str, message: &str) -> Response {
     let body = serde_json::json!({ "errorType": error_type, "errorMessage": message });
-    (status, [("content-type", "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn next(State(shared): State<Arc<Shared>>) -> Response {
     let first = {
-        let mut sent = shared.ready_sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sent = shared
+            .ready_sent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         !std::mem::replace(&mut *sent, true)
     };
     if first {
@@ -295,7 +352,11 @@ async fn next(State(shared): State<Arc<Shared>>) -> Response {
         rx.recv().await
     };
     let Some(inv) = invoke else {
-        return api_error(StatusCode::INTERNAL_SERVER_ERROR, "Runtime.Shutdown", "the sandbox is shutting down");
+        return api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Runtime.Shutdown",
+            "the sandbox is shutting down",
+        );
     };
     shared.set_current(&inv.request_id);
     let mut headers = HeaderMap::new();
@@ -312,22 +373,36 @@ async fn next(State(shared): State<Arc<Shared>>) -> Response {
     (StatusCode::OK, headers, inv.payload).into_response()
 }
 
-fn check_request(shared: &Shared, id: &str) -> Result<(), Response> {
+/// `Some(error response)` when `id` is not the invocation in flight.
+fn check_request(shared: &Shared, id: &str) -> Option<Response> {
     if shared.current() == id && !id.is_empty() {
-        Ok(())
+        None
     } else {
-        Err(api_error(StatusCode::BAD_REQUEST, "InvalidRequestID", "Invalid request ID"))
+        Some(api_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestID",
+            "Invalid request ID",
+        ))
     }
 }
 
 async fn finish(shared: &Shared, frame: Frame) -> Response {
     shared.set_current("");
     let _ = shared.to_host.send(frame).await;
-    (StatusCode::ACCEPTED, [("content-type", "application/json")], r#"{"status":"OK"}"#).into_response()
+    (
+        StatusCode::ACCEPTED,
+        [("content-type", "application/json")],
+        r#"{"status":"OK"}"#,
+    )
+        .into_response()
 }
 
-async fn response(State(shared): State<Arc<Shared>>, Path(id): Path<String>, body: Bytes) -> Response {
-    if let Err(r) = check_request(&shared, &id) {
+async fn response(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = check_request(&shared, &id) {
         return r;
     }
     if body.len() > MAX_RESPONSE_BYTES {
@@ -335,15 +410,29 @@ async fn response(State(shared): State<Arc<Shared>>, Path(id): Path<String>, bod
             "errorMessage": format!("Response payload size ({} bytes) exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).", body.len()),
             "errorType": "Function.ResponseSizeTooLarge",
         });
-        finish(&shared, Frame::FunctionError {
-            request_id: id,
-            error_type: "Function.ResponseSizeTooLarge".into(),
-            payload: payload.to_string().into_bytes(),
-        })
+        finish(
+            &shared,
+            Frame::FunctionError {
+                request_id: id,
+                error_type: "Function.ResponseSizeTooLarge".into(),
+                payload: payload.to_string().into_bytes(),
+            },
+        )
         .await;
-        return api_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", "response too large");
+        return api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            "response too large",
+        );
     }
-    finish(&shared, Frame::Response { request_id: id, payload: body.to_vec() }).await
+    finish(
+        &shared,
+        Frame::Response {
+            request_id: id,
+            payload: body.to_vec(),
+        },
+    )
+    .await
 }
 
 fn error_type(headers: &HeaderMap, body: &[u8]) -> String {
@@ -359,18 +448,46 @@ fn error_type(headers: &HeaderMap, body: &[u8]) -> String {
         .unwrap_or_else(|| "Unhandled".to_owned())
 }
 
-async fn error(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = check_request(&shared, &id) {
+async fn error(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = check_request(&shared, &id) {
         return r;
     }
     let error_type = error_type(&headers, &body);
-    finish(&shared, Frame::FunctionError { request_id: id, error_type, payload: body.to_vec() }).await
+    finish(
+        &shared,
+        Frame::FunctionError {
+            request_id: id,
+            error_type,
+            payload: body.to_vec(),
+        },
+    )
+    .await
 }
 
-async fn init_error(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn init_error(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let error_type = error_type(&headers, &body);
     let (tx, _rx) = oneshot::channel::<()>();
     drop(tx);
-    let _ = shared.to_host.send(Frame::InitError { error_type, payload: body.to_vec() }).await;
-    (StatusCode::ACCEPTED, [("content-type", "application/json")], r#"{"status":"OK"}"#).into_response()
+    let _ = shared
+        .to_host
+        .send(Frame::InitError {
+            error_type,
+            payload: body.to_vec(),
+        })
+        .await;
+    (
+        StatusCode::ACCEPTED,
+        [("content-type", "application/json")],
+        r#"{"status":"OK"}"#,
+    )
+        .into_response()
 }

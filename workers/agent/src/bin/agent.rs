@@ -23,7 +23,8 @@ fn main() -> ExitCode {
         }),
         Some("serve") => {
             let mut config = AgentConfig::default();
-            if let (Some("--task-root"), Some(dir)) = (args.get(2).map(String::as_str), args.get(3)) {
+            if let (Some("--task-root"), Some(dir)) = (args.get(2).map(String::as_str), args.get(3))
+            {
                 config.task_root = dir.into();
             }
             serve(config)
@@ -46,7 +47,10 @@ fn spec(args: &[String]) -> Result<JailSpec, String> {
 
 fn stage1(spec: &JailSpec) -> Result<ExitCode, String> {
     let stdin = std::io::stdin();
-    let fd: OwnedFd = stdin.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+    let fd: OwnedFd = stdin
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| e.to_string())?;
     let mut channel = std::os::unix::net::UnixStream::from(fd);
     jail::stage1(spec, &mut channel).map_err(|e| e.to_string())?;
     drop(channel);
@@ -58,7 +62,9 @@ fn stage1(spec: &JailSpec) -> Result<ExitCode, String> {
         .arg(json)
         .status()
         .map_err(|e| format!("start stage 2: {e}"))?;
-    Ok(ExitCode::from(u8::try_from(status.code().unwrap_or(112)).unwrap_or(112)))
+    Ok(ExitCode::from(
+        u8::try_from(status.code().unwrap_or(112)).unwrap_or(112),
+    ))
 }
 
 fn serve(config: AgentConfig) -> Result<ExitCode, String> {
@@ -68,11 +74,18 @@ fn serve(config: AgentConfig) -> Result<ExitCode, String> {
         .map_err(|e| format!("start runtime: {e}"))?;
     rt.block_on(async move {
         let stdin = std::io::stdin();
-        let fd: OwnedFd = stdin.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+        let fd: OwnedFd = stdin
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| e.to_string())?;
         let std_stream = std::os::unix::net::UnixStream::from(fd);
-        std_stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        std_stream
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
         let stream = tokio::net::UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
-        runtime::run(stream, config).await.map_err(|e| e.to_string())
+        runtime::run(stream, config)
+            .await
+            .map_err(|e| e.to_string())
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,8 @@
 //! - `hang`: never answer;
 //! - `hog`: allocate and touch `mb` MiB (default 1024);
 //! - `net`: try to reach an outside address and report what happened;
-//! - `syscall`: make a forbidden system call (`unshare`).
+//! - `syscall`: make a forbidden system call (`unshare`);
+//! - `inspect`: report what the function sees of its sandbox (ids, writable paths, environment).
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -40,11 +41,44 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
                 &"1.1.1.1:53".parse().expect("literal address"),
                 Duration::from_secs(2),
             );
-            Ok(json!({ "outside": match outside { Ok(_) => "connected".to_owned(), Err(e) => e.to_string() } }))
+            Ok(
+                json!({ "outside": match outside { Ok(_) => "connected".to_owned(), Err(e) => e.to_string() } }),
+            )
         }
         "syscall" => {
             let r = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER);
             Ok(json!({ "unshare": format!("{r:?}") }))
+        }
+        "inspect" => {
+            let try_write = |path: &str| match std::fs::write(path, b"x") {
+                Ok(()) => "written".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            let processes = std::fs::read_dir("/proc")
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                        .count()
+                })
+                .unwrap_or(0);
+            Ok(json!({
+                "pid": std::process::id(),
+                "uid": nix::unistd::getuid().as_raw(),
+                "hostname": nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+                "processes": processes,
+                "write_task": try_write("/var/task/x"),
+                "write_etc": try_write("/etc/x"),
+                "write_root": try_write("/x"),
+                "write_tmp": try_write("/tmp/x"),
+                "task_root": std::env::var("LAMBDA_TASK_ROOT").unwrap_or_default(),
+                "runtime_api": std::env::var("AWS_LAMBDA_RUNTIME_API").unwrap_or_default(),
+                "function_name": std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_default(),
+                "memory": std::env::var("AWS_LAMBDA_FUNCTION_MEMORY_SIZE").unwrap_or_default(),
+                "user_var": std::env::var("GREETING").unwrap_or_default(),
+                "deadline_ms": event.context.deadline,
+                "request_id": event.context.request_id,
+                "arn": event.context.invoked_function_arn,
+            }))
         }
         _ => Ok(p),
     }
