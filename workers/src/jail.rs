@@ -15,6 +15,8 @@ use tokio::process::{Child, Command};
 use crate::cgroup::{Cgroup, CgroupMode, Limits};
 use crate::sandbox::{BootError, Channel, FunctionSpec, Isolation, SandboxBackend};
 
+static NEXT_JAIL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Lambda gives a function one vCPU per 1769 MiB.
 const MIB_PER_VCPU: u64 = 1769;
 
@@ -27,7 +29,8 @@ pub struct JailConfig {
     pub run_dir: PathBuf,
     /// Host directories visible read-only in every sandbox.
     pub ro_binds: Vec<PathBuf>,
-    /// First host UID/GID sandboxes are mapped to; sandbox `n` gets `uid_base + n % uid_count`.
+    /// First host UID/GID sandboxes are mapped to; the `n`th sandbox of this process gets
+    /// `uid_base + n % uid_count`.
     pub uid_base: u32,
     /// How many host UIDs to rotate through.
     pub uid_count: u32,
@@ -159,7 +162,9 @@ impl SandboxBackend for JailBackend {
     ) -> Result<(Pin<Box<dyn Channel>>, Box<dyn Isolation>), BootError> {
         let setup =
             |what: &str, e: &dyn std::fmt::Display| BootError::Setup(format!("{what}: {e}"));
-        let name = format!("sb-{}-{id}", std::process::id());
+        // Unique on this host for the life of this process, whatever ids callers use.
+        let seq = NEXT_JAIL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("sb-{}-{seq}", std::process::id());
         let root_dir = self.config.run_dir.join(&name);
         std::fs::create_dir_all(&root_dir).map_err(|e| setup("create the root mount point", &e))?;
         let memory_bytes = spec.memory_mb * 1024 * 1024;

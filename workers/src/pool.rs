@@ -172,7 +172,7 @@ impl Pool {
                         (sb, true, Some(took))
                     }
                     Err(e) => {
-                        self.release(spec.memory_mb, false);
+                        self.release(spec.memory_mb);
                         return match e {
                             BootError::Init {
                                 error_type,
@@ -206,7 +206,7 @@ impl Pool {
             st.busy -= 1;
             st.idle.entry(key).or_default().push(sandbox);
         } else {
-            self.release(spec.memory_mb, true);
+            self.release(spec.memory_mb);
             metrics::counter!("sluice_sandbox_replaced_total", "function" => spec.name.clone())
                 .increment(1);
             tokio::spawn(sandbox.destroy());
@@ -269,12 +269,11 @@ impl Pool {
         Ok((None, evicted))
     }
 
-    fn release(&self, memory_mb: u64, was_busy: bool) {
+    /// Returns the memory of a busy sandbox (or of a boot that failed) to the budget.
+    fn release(&self, memory_mb: u64) {
         let mut st = self.lock();
         st.used_mb = st.used_mb.saturating_sub(memory_mb);
-        if was_busy || st.busy > 0 {
-            st.busy = st.busy.saturating_sub(1);
-        }
+        st.busy = st.busy.saturating_sub(1);
     }
 
     /// Destroys idle sandboxes unused for longer than the idle timeout; returns how many.
