@@ -11,7 +11,11 @@ fn pool(budget_mb: u64, idle_timeout: Duration) -> Pool {
     let backend = JailBackend::new(JailConfig::detect()).expect("jail backend");
     Pool::new(
         Arc::new(backend),
-        PoolConfig { memory_budget_mb: budget_mb, idle_timeout, init_timeout: Duration::from_secs(10) },
+        PoolConfig {
+            memory_budget_mb: budget_mb,
+            idle_timeout,
+            init_timeout: Duration::from_secs(10),
+        },
         None,
     )
 }
@@ -27,25 +31,44 @@ async fn warm_sandboxes_are_reused_and_broken_ones_replaced() {
     let pool = pool(1024, Duration::from_secs(60));
     let bundle = Bundle::of("fn-misbehave");
     let f = spec("f", &bundle, Duration::from_secs(2));
-    let first = pool.invoke(&f, "r1", br#"{"action":"echo"}"#.to_vec()).await.expect("invoke");
+    let first = pool
+        .invoke(&f, "r1", br#"{"action":"echo"}"#.to_vec())
+        .await
+        .expect("invoke");
     assert!(first.cold_start);
     assert!(first.init_duration.is_some());
-    let second = pool.invoke(&f, "r2", br#"{"action":"echo"}"#.to_vec()).await.expect("invoke");
+    let second = pool
+        .invoke(&f, "r2", br#"{"action":"echo"}"#.to_vec())
+        .await
+        .expect("invoke");
     assert!(!second.cold_start, "the warm sandbox is reused");
     assert_eq!(pool.idle_count(), 1);
 
-    let crash = pool.invoke(&f, "r3", br#"{"action":"exit"}"#.to_vec()).await.expect("invoke");
-    assert!(matches!(crash.outcome, InvokeOutcome::Crashed { .. }), "{:?}", crash.outcome);
+    let crash = pool
+        .invoke(&f, "r3", br#"{"action":"exit"}"#.to_vec())
+        .await
+        .expect("invoke");
+    assert!(
+        matches!(crash.outcome, InvokeOutcome::Crashed { .. }),
+        "{:?}",
+        crash.outcome
+    );
     assert_eq!(pool.idle_count(), 0, "a crashed sandbox is not kept");
     assert_eq!(pool.used_mb(), 0);
-    let after = pool.invoke(&f, "r4", br#"{"action":"echo","ok":true}"#.to_vec()).await.expect("invoke");
+    let after = pool
+        .invoke(&f, "r4", br#"{"action":"echo","ok":true}"#.to_vec())
+        .await
+        .expect("invoke");
     assert!(after.cold_start, "a fresh sandbox replaces the crashed one");
     assert!(matches!(after.outcome, InvokeOutcome::Response(_)));
 
     // A new configuration revision gets its own sandboxes.
     let mut f2 = (*f).clone();
     f2.revision = 2;
-    let updated = pool.invoke(&Arc::new(f2), "r5", b"{}".to_vec()).await.expect("invoke");
+    let updated = pool
+        .invoke(&Arc::new(f2), "r5", b"{}".to_vec())
+        .await
+        .expect("invoke");
     assert!(updated.cold_start);
     assert_eq!(pool.idle_count(), 2);
     pool.shutdown().await;
@@ -68,25 +91,58 @@ async fn the_memory_budget_evicts_idle_sandboxes_and_refuses_when_all_are_busy()
     let out = pool.invoke(&c, "3", b"{}".to_vec()).await.expect("c");
     assert!(out.cold_start);
     assert_eq!(pool.used_mb(), 256);
-    assert!(pool.invoke(&b, "4", b"{}".to_vec()).await.expect("b").cold_start.eq(&false), "b stayed warm");
-    assert!(pool.invoke(&a, "5", b"{}".to_vec()).await.expect("a").cold_start, "a was evicted");
+    assert!(
+        pool.invoke(&b, "4", b"{}".to_vec())
+            .await
+            .expect("b")
+            .cold_start
+            .eq(&false),
+        "b stayed warm"
+    );
+    assert!(
+        pool.invoke(&a, "5", b"{}".to_vec())
+            .await
+            .expect("a")
+            .cold_start,
+        "a was evicted"
+    );
 
     // Two busy sandboxes fill the budget: a third function is refused, not queued.
     let p1 = pool.clone();
     let hang = spec("hang", &bundle, Duration::from_secs(2));
     let h1 = Arc::clone(&hang);
-    let busy1 = tokio::spawn(async move { p1.invoke(&h1, "h1", br#"{"action":"hang"}"#.to_vec()).await });
+    let busy1 =
+        tokio::spawn(async move { p1.invoke(&h1, "h1", br#"{"action":"hang"}"#.to_vec()).await });
     let p2 = pool.clone();
     let h2 = Arc::clone(&hang);
-    let busy2 = tokio::spawn(async move { p2.invoke(&h2, "h2", br#"{"action":"hang"}"#.to_vec()).await });
+    let busy2 =
+        tokio::spawn(async move { p2.invoke(&h2, "h2", br#"{"action":"hang"}"#.to_vec()).await });
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let err = pool.invoke(&c, "6", b"{}".to_vec()).await.err().expect("no capacity");
-    assert!(matches!(err, PoolError::NoCapacity { needed_mb: 128, budget_mb: 256, .. }), "{err}");
+    let err = pool
+        .invoke(&c, "6", b"{}".to_vec())
+        .await
+        .err()
+        .expect("no capacity");
+    assert!(
+        matches!(
+            err,
+            PoolError::NoCapacity {
+                needed_mb: 128,
+                budget_mb: 256,
+                ..
+            }
+        ),
+        "{err}"
+    );
     for h in [busy1, busy2] {
         let inv = h.await.expect("task").expect("invoke");
         assert!(matches!(inv.outcome, InvokeOutcome::Timeout { .. }));
     }
-    assert_eq!(pool.used_mb(), 0, "timed-out sandboxes are destroyed and their memory returned");
+    assert_eq!(
+        pool.used_mb(),
+        0,
+        "timed-out sandboxes are destroyed and their memory returned"
+    );
     pool.shutdown().await;
 }
 
@@ -96,7 +152,11 @@ async fn idle_sandboxes_are_reaped() {
     let bundle = Bundle::of("fn-echo");
     let f = spec("f", &bundle, Duration::from_secs(3));
     let inv = pool.invoke(&f, "1", b"{}".to_vec()).await.expect("invoke");
-    assert!(matches!(inv.outcome, InvokeOutcome::Response(_)), "{:?}", inv.outcome);
+    assert!(
+        matches!(inv.outcome, InvokeOutcome::Response(_)),
+        "{:?}",
+        inv.outcome
+    );
     assert_eq!(pool.idle_count(), 1);
     assert_eq!(pool.reap_idle().await, 0, "not idle long enough yet");
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -111,7 +171,9 @@ async fn an_init_error_is_the_invocations_outcome() {
     let bundle = Bundle::of("fn-init-error");
     let f = spec("broken", &bundle, Duration::from_secs(3));
     let inv = pool.invoke(&f, "1", b"{}".to_vec()).await.expect("invoke");
-    let InvokeOutcome::InitError { error_type, .. } = &inv.outcome else { panic!("{:?}", inv.outcome) };
+    let InvokeOutcome::InitError { error_type, .. } = &inv.outcome else {
+        panic!("{:?}", inv.outcome)
+    };
     assert_eq!(error_type, "Runtime.ConfigError");
     assert_eq!(pool.used_mb(), 0);
 }

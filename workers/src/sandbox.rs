@@ -201,7 +201,8 @@ pub struct Sandbox {
     id: u64,
     spec: Arc<FunctionSpec>,
     writer: WriteHalf<Pin<Box<dyn Channel>>>,
-    events: mpsc::Receiver<Frame>,
+    reader: ReadHalf<Pin<Box<dyn Channel>>>,
+    logs: Option<mpsc::Sender<LogLine>>,
     isolation: Option<Box<dyn Isolation>>,
     dead: bool,
     /// When it was booted.
@@ -258,8 +259,6 @@ impl Sandbox {
             region: spec.region.clone(),
             environment: spec.environment.clone(),
         };
-        let (tx, events) = mpsc::channel(16);
-        tokio::spawn(pump(reader, tx, spec.name.clone(), logs));
         let mut sandbox = Sandbox {
             id,
             spec,
@@ -270,7 +269,8 @@ impl Sandbox {
                 }
                 writer
             },
-            events,
+            reader,
+            logs,
             isolation: Some(isolation),
             dead: false,
             booted_at: Instant::now(),
@@ -296,7 +296,7 @@ impl Sandbox {
 
     async fn wait_ready(&mut self) -> Result<(), BootError> {
         let mut init_error = None;
-        while let Some(frame) = self.events.recv().await {
+        while let Some(frame) = self.next_frame().await {
             match frame {
                 Frame::Ready => return Ok(()),
                 Frame::InitError {
@@ -393,7 +393,7 @@ impl Sandbox {
     }
 
     async fn wait_result(&mut self, request_id: &str) -> InvokeOutcome {
-        while let Some(frame) = self.events.recv().await {
+        while let Some(frame) = self.next_frame().await {
             match frame {
                 Frame::Response {
                     request_id: id,
@@ -435,47 +435,39 @@ impl Sandbox {
         self.crashed("signal: killed (the sandbox closed its channel)".into())
     }
 
+    /// The next frame from the agent other than a log line (those go to the log sink and
+    /// `tracing`); `None` when the channel closed or the guest sent a bad frame. Frames are read
+    /// on the invoking task itself: no hand-off to another task on the latency path.
+    async fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            match read_frame(&mut self.reader).await {
+                Ok(Some(Frame::Log { request_id, line })) => {
+                    tracing::info!(target: "function", function = %self.spec.name, request_id = %request_id, "{line}");
+                    if let Some(logs) = &self.logs {
+                        let _ = logs.try_send(LogLine {
+                            function: self.spec.name.clone(),
+                            request_id,
+                            line,
+                        });
+                    }
+                }
+                Ok(Some(frame)) => return Some(frame),
+                Ok(None) => return None,
+                Err(e) => {
+                    // A corrupt frame from the guest: the sandbox is treated as dead.
+                    tracing::warn!(function = %self.spec.name, error = %e, "sandbox sent a bad frame");
+                    return None;
+                }
+            }
+        }
+    }
+
     /// Stops the sandbox and releases everything it held.
     pub async fn destroy(mut self) {
         self.dead = true;
         let _ = write_frame(&mut self.writer, &Frame::Shutdown).await;
         if let Some(iso) = self.isolation.take() {
             iso.destroy().await;
-        }
-    }
-}
-
-/// Reads frames from the agent: log lines go to the log sink (and `tracing`), the rest to the
-/// sandbox. Ends when the channel closes or breaks.
-async fn pump(
-    mut reader: ReadHalf<Pin<Box<dyn Channel>>>,
-    tx: mpsc::Sender<Frame>,
-    function: String,
-    logs: Option<mpsc::Sender<LogLine>>,
-) {
-    loop {
-        match read_frame(&mut reader).await {
-            Ok(Some(Frame::Log { request_id, line })) => {
-                tracing::info!(target: "function", function = %function, request_id = %request_id, "{line}");
-                if let Some(logs) = &logs {
-                    let _ = logs.try_send(LogLine {
-                        function: function.clone(),
-                        request_id,
-                        line,
-                    });
-                }
-            }
-            Ok(Some(frame)) => {
-                if tx.send(frame).await.is_err() {
-                    return;
-                }
-            }
-            Ok(None) => return,
-            Err(e) => {
-                // A corrupt frame from the guest: stop listening; the sandbox is treated as dead.
-                tracing::warn!(function = %function, error = %e, "sandbox sent a bad frame");
-                return;
-            }
         }
     }
 }

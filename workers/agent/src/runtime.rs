@@ -132,6 +132,10 @@ where
         })?;
     let app = router(Arc::clone(&shared));
     let server = tokio::spawn(async move {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let _ = axum::serve(listener, app).await;
     });
 
