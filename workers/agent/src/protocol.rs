@@ -505,3 +505,66 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod randomized {
+    //! The fuzz target's property over random and mutated inputs, in the normal test suite.
+    use super::*;
+
+    /// A small deterministic generator (xorshift), so failures reproduce.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    fn check(data: &[u8]) {
+        if let Ok(frame) = decode(data) {
+            assert_eq!(encode(&frame).expect("encodes"), data, "non-canonical frame accepted: {frame:?}");
+        }
+    }
+
+    #[test]
+    fn random_and_mutated_frames_never_panic_and_round_trip() {
+        let mut rng = Rng(0x5eed_1234_abcd_ef01);
+        let seeds: Vec<Vec<u8>> = [
+            Frame::Invoke(Invoke {
+                request_id: "req".into(),
+                deadline_ms: 7,
+                function_arn: "arn".into(),
+                trace_id: String::new(),
+                payload: b"{\"a\":1}".to_vec(),
+            }),
+            Frame::Start(Start {
+                function_name: "f".into(),
+                function_version: "$LATEST".into(),
+                memory_mb: 128,
+                handler: "h".into(),
+                region: "r".into(),
+                environment: vec![("K".into(), "V".into())],
+            }),
+            Frame::Log { request_id: "r".into(), line: "l".into() },
+        ]
+        .iter()
+        .map(|f| encode(f).expect("encode"))
+        .collect();
+        for _ in 0..20_000 {
+            let mut data = seeds[(rng.next() % seeds.len() as u64) as usize].clone();
+            for _ in 0..(rng.next() % 4) {
+                let i = (rng.next() % data.len() as u64) as usize;
+                data[i] = rng.next() as u8;
+            }
+            if rng.next() % 5 == 0 {
+                data.truncate((rng.next() % (data.len() as u64 + 1)) as usize);
+            }
+            check(&data);
+            let len = (rng.next() % 64) as usize;
+            let random: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            check(&random);
+        }
+    }
+}
