@@ -1,6 +1,16 @@
 //! Destinations: Lambda-shaped invocation records written to Kafka topics (on-success,
-//! on-failure), and the tail and redrive tools that read them back.
+//! on-failure), and the tools that read them back.
 //!
-//! Not built yet: this crate is the home of the "Async invocation" issue. It exists now so that the
-//! workspace has the shape of `design.md` §1.
+//! - [`record`]: Lambda's asynchronous invocation record (`version`, `timestamp`,
+//!   `requestContext`, `requestPayload`, `responseContext`, `responsePayload`).
+//! - [`writer`]: [`DestinationWriter`], which creates destination topics on first use and retries
+//!   a write until Kafka has it (counting failures), so an event is never lost on the way out.
+//!
+//! Threading: async, on the node's runtime; one shared idempotent producer.
 #![forbid(unsafe_code)]
+
+pub mod record;
+pub mod writer;
+
+pub use record::{Condition, InvocationRecord, ResponseContext};
+pub use writer::DestinationWriter;

@@ -14,7 +14,7 @@ use sluice_core::store::{ConfigObject, Expected, ObjectKey, Versioned};
 
 use crate::{ApiError, ApiState};
 
-fn model_error(e: ModelError) -> ApiError {
+pub(crate) fn model_error(e: ModelError) -> ApiError {
     match e {
         ModelError::Invalid(v) => ApiError::invalid(v.to_string()),
         other => ApiError {
@@ -26,7 +26,7 @@ fn model_error(e: ModelError) -> ApiError {
 }
 
 /// Lambda's `FunctionConfiguration` for a stored function.
-fn configuration(state: &ApiState, f: &Versioned<FunctionConfig>) -> Value {
+pub(crate) fn configuration(state: &ApiState, f: &Versioned<FunctionConfig>) -> Value {
     let c = &f.object;
     let mut v = json!({
         "FunctionName": c.function_name,
@@ -98,29 +98,28 @@ pub(crate) async fn create_function(
     Ok((StatusCode::CREATED, Json(configuration(&state, &stored))))
 }
 
-fn check_code_path(path: &str) -> Result<(), ApiError> {
+pub(crate) fn check_code_path(path: &str) -> Result<(), ApiError> {
     let p = Path::new(path);
     if !p.is_absolute() {
         return Err(ApiError::invalid(format!(
             "Code.Path must be an absolute path, got {path:?}"
         )));
     }
-    if p.is_dir() {
-        if !p.join("bootstrap").is_file() {
-            return Err(ApiError::invalid(format!(
-                "Code.Path {path} has no bootstrap file: a function bundle needs an executable \
-                 bootstrap at its root (Lambda's custom-runtime contract)"
-            )));
-        }
-    } else if !(p.is_file() && path.ends_with(".zip")) {
+    if !p.is_dir() {
         return Err(ApiError::invalid(format!(
-            "Code.Path {path} must be an existing directory or .zip file on this node"
+            "Code.Path {path} must be an existing directory on this node (the unpacked bundle)"
+        )));
+    }
+    if !p.join("bootstrap").is_file() {
+        return Err(ApiError::invalid(format!(
+            "Code.Path {path} has no bootstrap file: a function bundle needs an executable \
+             bootstrap at its root (Lambda's custom-runtime contract)"
         )));
     }
     Ok(())
 }
 
-fn check_reservation(state: &ApiState, config: &FunctionConfig) -> Result<(), ApiError> {
+pub(crate) fn check_reservation(state: &ApiState, config: &FunctionConfig) -> Result<(), ApiError> {
     let Some(wanted) = config.reserved_concurrent_executions else {
         return Ok(());
     };

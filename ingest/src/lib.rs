@@ -11,10 +11,16 @@
 
 mod error;
 mod functions;
+mod invoke;
+mod settings;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use std::sync::Arc;
+
+use axum::routing::{get, post, put};
 use axum::Router;
+use sluice_core::events::EventProducer;
+use sluice_core::invoke::Invoker;
 use sluice_core::store::ConfigStore;
 
 pub use error::ApiError;
@@ -61,6 +67,12 @@ pub struct ApiState {
     pub store: ConfigStore,
     /// Account settings.
     pub account: AccountSettings,
+    /// Runs synchronous invocations (`None` on a node without workers).
+    pub invoker: Option<Arc<dyn Invoker>>,
+    /// Writes asynchronous invocations to the async queue.
+    pub events: Option<EventProducer>,
+    /// The async queue topic.
+    pub async_topic: String,
 }
 
 /// The Lambda-compatible API routes.
@@ -80,8 +92,33 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/2015-03-31/functions/{name}/configuration",
-            get(functions::get_function_configuration),
+            get(functions::get_function_configuration).put(settings::update_configuration),
+        )
+        .route(
+            "/2015-03-31/functions/{name}/code",
+            put(settings::update_code),
+        )
+        .route(
+            "/2019-09-25/functions/{name}/event-invoke-config",
+            get(settings::get_eic)
+                .put(settings::put_eic)
+                .post(settings::update_eic)
+                .delete(settings::delete_eic),
+        )
+        .route(
+            "/2017-10-31/functions/{name}/concurrency",
+            put(settings::put_concurrency).delete(settings::delete_concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/concurrency",
+            get(settings::get_concurrency),
         )
         .layer(DefaultBodyLimit::max(MAX_CONTROL_BODY_BYTES))
+        .route(
+            "/2015-03-31/functions/{name}/invocations",
+            post(invoke::invoke).layer(DefaultBodyLimit::max(
+                invoke::MAX_SYNC_PAYLOAD_BYTES + 64 * 1024,
+            )),
+        )
         .with_state(state)
 }

@@ -1,6 +1,14 @@
-//! Pollers: the async-queue pollers and the stream (event source mapping) pollers, and the stream
-//! tracker that turns mappings × partitions into work units.
+//! Pollers: the async-queue pollers (this module's [`async_poller`]) and, next, the stream
+//! (event source mapping) pollers and their tracker.
 //!
-//! Not built yet: this crate is the home of issues "Async invocation" and "Stream event source
-//! mappings". It exists now so that the workspace has the shape of `design.md` §1.
+//! - [`offsets`]: per-partition offset tracking for records processed out of order: the
+//!   committed offset is always the lowest unfinished one, so nothing is skipped on a crash.
+//! - [`async_poller`]: consumes the async queue, runs each event with Lambda's retry policy,
+//!   maximum event age, throttling back-off and destinations; delayed re-delivery goes through
+//!   Kafka delay topics before the source offset is committed.
+//!
+//! Threading: tokio tasks on the node's runtime; librdkafka's own threads behind the consumers.
 #![forbid(unsafe_code)]
+
+pub mod async_poller;
+pub mod offsets;

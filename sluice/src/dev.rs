@@ -25,6 +25,12 @@ pub struct DevArgs {
     /// Address the API and `/metrics` listen on.
     #[arg(long, env = "SLUICE_API", default_value = "127.0.0.1:9000")]
     api: std::net::SocketAddr,
+    /// Memory all sandboxes may use together, MiB.
+    #[arg(long, default_value_t = 4096)]
+    memory_budget_mb: u64,
+    /// Waits before retrying an async event after a function error (Lambda: 60s,120s).
+    #[arg(long, value_delimiter = ',', default_value = "60s,120s", value_parser = crate::node::parse_duration)]
+    async_retry_delays: Vec<Duration>,
     /// Where started services keep their data and logs.
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = ".sluice-dev")]
     data_dir: PathBuf,
@@ -71,6 +77,11 @@ async fn run_inner(args: &DevArgs, started: &mut Vec<Service>) -> anyhow::Result
         redis_prefix: "sluice:".into(),
         account_concurrency: 1000,
         region: "us-east-1".into(),
+        sandbox: crate::worker::SandboxKind::Auto,
+        memory_budget_mb: args.memory_budget_mb,
+        async_retry_delays: args.async_retry_delays.clone(),
+        throttle_backoff_min: Duration::from_secs(1),
+        throttle_backoff_max: Duration::from_secs(300),
     };
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

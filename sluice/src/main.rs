@@ -6,8 +6,11 @@
 
 mod dev;
 mod functions;
+mod invoke_cli;
+mod kafka_cli;
 mod node;
 mod services;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -42,6 +45,16 @@ enum Command {
     /// Create, list, show and delete functions through a node's API.
     #[command(subcommand)]
     Functions(functions::FunctionsCommand),
+    /// Invoke a function (synchronously, as an event, or a dry run) through a node's API.
+    Invoke(invoke_cli::InvokeArgs),
+    /// Write records to any Kafka topic, one per input line (kcat-style flags).
+    Produce(kafka_cli::ProduceArgs),
+    /// Inspect failure and success destinations.
+    #[command(subcommand)]
+    Destinations(kafka_cli::DestinationsCommand),
+    /// Re-submit the failed events of a destination topic to their functions; resumes where an
+    /// interrupted redrive stopped.
+    Redrive(kafka_cli::RedriveArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +74,10 @@ fn main() -> ExitCode {
             Command::Node(args) => node::run(args).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Functions(cmd) => functions::run(cmd).await,
+            Command::Invoke(args) => invoke_cli::run(args).await,
+            Command::Produce(args) => kafka_cli::produce(args).await,
+            Command::Destinations(cmd) => kafka_cli::tail(cmd).await,
+            Command::Redrive(args) => kafka_cli::redrive(args).await,
         }
     });
     match result {

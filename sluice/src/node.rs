@@ -8,9 +8,20 @@ use axum::routing::get;
 use axum::Router;
 use clap::{Args, ValueEnum};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::Arc;
+
+use sluice_core::events::EventProducer;
+use sluice_core::invoke::Invoker;
 use sluice_core::kafka::KafkaSettings;
 use sluice_core::store::{ConfigStore, ConfigStoreConfig};
+use sluice_destinations::DestinationWriter;
 use sluice_ingest::{AccountSettings, ApiState};
+use sluice_leasing::ConcurrencyCounter;
+use sluice_pollers::async_poller::{AsyncPoller, AsyncPollerConfig};
+use sluice_workers::invoker::{AccountIdentity, LocalInvoker};
+use sluice_workers::{Pool, PoolConfig};
+
+use crate::worker::{self, SandboxKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
@@ -62,6 +73,40 @@ pub struct NodeArgs {
     /// Region shown in ARNs.
     #[arg(long, env = "SLUICE_REGION", default_value = "us-east-1")]
     pub region: String,
+    /// How functions are isolated (worker role): a KVM micro-VM where hardware virtualization
+    /// allows it, else a jailed process.
+    #[arg(long, env = "SLUICE_SANDBOX", value_enum, default_value = "auto")]
+    pub sandbox: SandboxKind,
+    /// Memory all of this node's sandboxes may use together, MiB.
+    #[arg(long, env = "SLUICE_MEMORY_BUDGET_MB", default_value_t = 4096)]
+    pub memory_budget_mb: u64,
+    /// Waits before retrying an async event after a function error (Lambda: 60s,120s; the count
+    /// caps MaximumRetryAttempts).
+    #[arg(long, env = "SLUICE_ASYNC_RETRY_DELAYS", value_delimiter = ',', default_value = "60s,120s", value_parser = parse_duration)]
+    pub async_retry_delays: Vec<Duration>,
+    /// First back-off of a throttled async event; it doubles up to --throttle-backoff-max.
+    #[arg(long, env = "SLUICE_THROTTLE_BACKOFF_MIN", default_value = "1s", value_parser = parse_duration)]
+    pub throttle_backoff_min: Duration,
+    /// Longest back-off of a throttled async event.
+    #[arg(long, env = "SLUICE_THROTTLE_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub throttle_backoff_max: Duration,
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    }
 }
 
 impl NodeArgs {
@@ -155,19 +200,87 @@ pub async fn start(
     let mut store_cfg = ConfigStoreConfig::new(&node_id);
     store_cfg.topic = format!("{}config", args.topic_prefix);
     store_cfg.redis_prefix.clone_from(&args.redis_prefix);
-    let store = ConfigStore::open(&kafka, store_cfg, Some(redis), cancel.child_token())
+    let store = ConfigStore::open(&kafka, store_cfg, Some(redis.clone()), cancel.child_token())
         .await
         .with_context(|| format!("open the configuration store on Kafka at {}", args.kafka))?;
     info!(node = %node_id, functions = store.functions().len(), "configuration loaded");
 
+    let account = AccountSettings {
+        region: args.region.clone(),
+        concurrency_limit: args.account_concurrency,
+        ..AccountSettings::default()
+    };
+    let events = EventProducer::new(&kafka).context("create the Kafka producer")?;
+    let async_cfg = AsyncPollerConfig {
+        retry_delays: args.async_retry_delays.clone(),
+        throttle_backoff_min: args.throttle_backoff_min,
+        throttle_backoff_max: args.throttle_backoff_max,
+        ..AsyncPollerConfig::new(&args.topic_prefix, &account.function_arn(""))
+    };
+
+    let invoker: Option<Arc<dyn Invoker>> = if args.roles.contains(&Role::Worker) {
+        let backend = worker::backend(args.sandbox)?;
+        let pool = Pool::new(
+            backend,
+            PoolConfig {
+                memory_budget_mb: args.memory_budget_mb,
+                ..PoolConfig::default()
+            },
+            None,
+        );
+        tracker.spawn(pool.clone().run_reaper(cancel.child_token()));
+        let counter = ConcurrencyCounter::new(
+            redis.clone(),
+            args.redis_prefix.clone(),
+            Duration::from_secs(30),
+        )
+        .context("set up concurrency counting")?;
+        let identity = AccountIdentity {
+            region: account.region.clone(),
+            account_id: account.account_id.clone(),
+            concurrency_limit: account.concurrency_limit,
+        };
+        Some(Arc::new(LocalInvoker::new(
+            store.clone(),
+            counter,
+            pool,
+            identity,
+        )))
+    } else {
+        None
+    };
+
+    if args.roles.contains(&Role::Poller) {
+        match &invoker {
+            Some(invoker) => {
+                let destinations = DestinationWriter::new(kafka.clone(), events.producer().clone(), 1);
+                let poller = AsyncPoller::new(
+                    async_cfg.clone(),
+                    kafka.clone(),
+                    store.clone(),
+                    Arc::clone(invoker),
+                    events.clone(),
+                    destinations,
+                );
+                poller.ensure_topics().await.context("create the async queue topics")?;
+                let cancel = cancel.child_token();
+                tracker.spawn(async move {
+                    if let Err(e) = poller.run(cancel).await {
+                        tracing::error!(error = %e, "async poller stopped");
+                    }
+                });
+            }
+            None => tracing::warn!("the poller role needs the worker role on the same node in this build; no pollers run"),
+        }
+    }
+
     if args.roles.contains(&Role::Frontend) {
         let state = ApiState {
             store: store.clone(),
-            account: AccountSettings {
-                region: args.region.clone(),
-                concurrency_limit: args.account_concurrency,
-                ..AccountSettings::default()
-            },
+            account: account.clone(),
+            invoker: invoker.clone(),
+            events: Some(events.clone()),
+            async_topic: async_cfg.queue_topic.clone(),
         };
         let app = sluice_ingest::router(state)
             .merge(ops_router(metrics, store.clone()))
@@ -188,11 +301,6 @@ pub async fn start(
                 tracing::error!(error = %e, "API server stopped");
             }
         });
-    }
-    for role in [Role::Poller, Role::Worker] {
-        if args.roles.contains(&role) {
-            info!(?role, "role enabled; this build has no stages for it yet");
-        }
     }
     Ok(())
 }

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod invoker;
 pub mod jail;
 pub mod pool;
 pub mod sandbox;

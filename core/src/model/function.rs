@@ -50,7 +50,7 @@ pub struct FunctionConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct FunctionCode {
-    /// A directory or `.zip` file on the nodes' file system (a Sluice extension).
+    /// The unpacked bundle: a directory on the nodes' file system (a Sluice extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// The bundle as a base64-encoded zip, as the Lambda API takes it.

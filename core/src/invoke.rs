@@ -1,0 +1,95 @@
+//! The invoke contract between the stages that need a function run (the front end, the async
+//! and stream pollers) and the part that runs it (a local worker pool now; a remote worker chosen
+//! by the worker manager later). Stages depend on this trait, never on `sluice-workers`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// One invocation to run.
+#[derive(Debug, Clone)]
+pub struct InvokeRequest {
+    /// Function name.
+    pub function: String,
+    /// Request id given to the runtime.
+    pub request_id: String,
+    /// The event.
+    pub payload: Vec<u8>,
+    /// X-Ray style trace id (may be empty).
+    pub trace_id: String,
+}
+
+/// What the function returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FunctionResult {
+    /// A response payload.
+    Ok(Vec<u8>),
+    /// A function error (handled, unhandled, crash, timeout, out of memory, init error), with
+    /// Lambda's error type and body (`{"errorMessage", "errorType", …}`).
+    Err {
+        /// E.g. `Runtime.ExitError`, `Sandbox.Timedout`, or the function's own type.
+        error_type: String,
+        /// The error body.
+        payload: Vec<u8>,
+    },
+}
+
+/// A finished invocation.
+#[derive(Debug, Clone)]
+pub struct Invoked {
+    /// What the function returned.
+    pub result: FunctionResult,
+    /// Time spent in the function.
+    pub duration: Duration,
+    /// Whether a sandbox was booted for it.
+    pub cold_start: bool,
+}
+
+/// Why an invocation did not run. None of these is the function's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// No such function.
+    #[error("Function not found: {0}")]
+    NotFound(String),
+    /// Over a concurrency limit (HTTP 429). `reason` is Lambda's
+    /// (`ReservedFunctionConcurrentInvocationLimitExceeded` or `ConcurrentInvocationLimitExceeded`).
+    #[error("Rate Exceeded: {reason} (limit {limit})")]
+    Throttled {
+        /// Lambda's reason.
+        reason: String,
+        /// The limit that was reached.
+        limit: u32,
+    },
+    /// No worker capacity right now (placement found no room).
+    #[error("no capacity to run the function: {0}")]
+    NoCapacity(String),
+    /// The function's configuration cannot run (e.g. its code is missing on this worker).
+    #[error("the function cannot run: {0}")]
+    Config(String),
+    /// Sluice itself failed (Redis, sandbox set-up); retrying may help.
+    #[error("service error: {0}")]
+    Service(String),
+}
+
+impl InvokeError {
+    /// Whether a later retry can succeed (throttles, capacity and service errors).
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            InvokeError::Throttled { .. } | InvokeError::NoCapacity(_) | InvokeError::Service(_)
+        )
+    }
+}
+
+/// Runs functions.
+#[async_trait]
+pub trait Invoker: Send + Sync {
+    /// Runs one invocation synchronously (takes a concurrency slot, finds or boots a sandbox,
+    /// waits for the result).
+    ///
+    /// # Errors
+    /// [`InvokeError`] when the invocation could not run; function failures are
+    /// [`FunctionResult::Err`], not errors.
+    async fn invoke(&self, request: InvokeRequest) -> Result<Invoked, InvokeError>;
+}

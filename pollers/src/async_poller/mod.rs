@@ -1,0 +1,489 @@
+//! The async-queue poller.
+//!
+//! Two consumer groups per cluster:
+//! - the **queue** group reads the async queue and runs each event: drop to on-failure when older
+//!   than `MaximumEventAgeInSeconds`; straight to on-failure with `ZeroReservedConcurrency`;
+//!   invoke (a concurrency slot is taken by the invoker); on success write the on-success record;
+//!   on a function error re-queue after the next retry delay (1 min, 2 min) up to
+//!   `MaximumRetryAttempts`, then write the on-failure record (`RetriesExhausted`); when throttled
+//!   (or no worker has room) re-queue with back-off from 1 s doubling to 5 min, not counted as an
+//!   attempt;
+//! - the **delay** group reads the delay topics (one per delay, so each is ordered by due time),
+//!   waits until each record is due and writes it back to the queue.
+//!
+//! Re-queueing and destination writes complete in Kafka before the source offset can be
+//! committed, so nothing acknowledged is lost on a crash; events run concurrently, so one
+//! function's delays or throttling never hold back another's.
+
+mod consume;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use sluice_core::events::{now_ms, AsyncEvent, EventProducer};
+use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest, Invoker};
+use sluice_core::kafka::{ensure_topic, KafkaSettings, TopicSpec};
+use sluice_core::model::EventInvokeConfig;
+use sluice_core::store::ConfigStore;
+use sluice_destinations::{Condition, DestinationWriter, InvocationRecord};
+use tokio_util::sync::CancellationToken;
+
+use self::consume::{RebalanceContext, Trackers};
+
+/// Settings of the async poller.
+#[derive(Debug, Clone)]
+pub struct AsyncPollerConfig {
+    /// The async queue topic.
+    pub queue_topic: String,
+    /// Delay topics are `<prefix><milliseconds>`.
+    pub delay_topic_prefix: String,
+    /// Consumer group of the queue (the delay group is `<group>-delay`).
+    pub group_id: String,
+    /// Waits before the 2nd, 3rd, … attempt after a function error (Lambda: 1 min, 2 min).
+    pub retry_delays: Vec<Duration>,
+    /// First throttling back-off (Lambda: 1 s); it doubles up to `throttle_backoff_max`.
+    pub throttle_backoff_min: Duration,
+    /// Longest throttling back-off (Lambda: 5 min).
+    pub throttle_backoff_max: Duration,
+    /// Events run at once by this node.
+    pub max_in_flight: usize,
+    /// Delayed events this node holds until they are due.
+    pub max_delayed: usize,
+    /// Partitions of the queue topic when Sluice creates it.
+    pub queue_partitions: i32,
+    /// Partitions of each delay topic when Sluice creates it.
+    pub delay_partitions: i32,
+    /// `arn:aws:lambda:<region>:<account>:function:` (a name is appended).
+    pub function_arn_prefix: String,
+}
+
+impl AsyncPollerConfig {
+    /// Lambda's policy, with topics under `topic_prefix` (e.g. `sluice.`).
+    #[must_use]
+    pub fn new(topic_prefix: &str, function_arn_prefix: &str) -> Self {
+        Self {
+            queue_topic: format!("{topic_prefix}async"),
+            delay_topic_prefix: format!("{topic_prefix}async.delay."),
+            group_id: format!("{topic_prefix}async-pollers"),
+            retry_delays: vec![Duration::from_secs(60), Duration::from_secs(120)],
+            throttle_backoff_min: Duration::from_secs(1),
+            throttle_backoff_max: Duration::from_secs(300),
+            max_in_flight: 256,
+            max_delayed: 10_000,
+            queue_partitions: 8,
+            delay_partitions: 2,
+            function_arn_prefix: function_arn_prefix.to_owned(),
+        }
+    }
+
+    /// Every delay in use: the retry delays and each step of the throttling back-off.
+    #[must_use]
+    pub fn tiers(&self) -> Vec<Duration> {
+        let mut tiers: BTreeSet<Duration> = self.retry_delays.iter().copied().collect();
+        let mut d = self.throttle_backoff_min;
+        while d < self.throttle_backoff_max {
+            tiers.insert(d);
+            d *= 2;
+        }
+        tiers.insert(self.throttle_backoff_max);
+        tiers.into_iter().filter(|d| !d.is_zero()).collect()
+    }
+
+    /// The delay topic of `delay`.
+    #[must_use]
+    pub fn delay_topic(&self, delay: Duration) -> String {
+        format!("{}{}", self.delay_topic_prefix, delay.as_millis())
+    }
+
+    /// The back-off after the `n`th throttle (n ≥ 1).
+    #[must_use]
+    pub fn throttle_backoff(&self, n: u32) -> Duration {
+        let factor = 2u32.saturating_pow(n.saturating_sub(1).min(20));
+        (self.throttle_backoff_min * factor).min(self.throttle_backoff_max)
+    }
+}
+
+/// Why the poller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PollerError {
+    /// A topic could not be created.
+    #[error("create topic {topic}: {source}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// The cause.
+        #[source]
+        source: KafkaError,
+    },
+    /// A consumer could not be created or subscribed.
+    #[error("create consumer: {0}")]
+    Consumer(#[source] KafkaError),
+}
+
+/// The async poller of one node.
+#[derive(Clone)]
+pub struct AsyncPoller {
+    cfg: Arc<AsyncPollerConfig>,
+    kafka: KafkaSettings,
+    store: ConfigStore,
+    invoker: Arc<dyn Invoker>,
+    events: EventProducer,
+    destinations: DestinationWriter,
+}
+
+enum Next {
+    Done,
+    Requeue { delay: Duration, event: AsyncEvent },
+}
+
+impl AsyncPoller {
+    /// A poller; nothing runs until [`AsyncPoller::run`].
+    #[must_use]
+    pub fn new(
+        cfg: AsyncPollerConfig,
+        kafka: KafkaSettings,
+        store: ConfigStore,
+        invoker: Arc<dyn Invoker>,
+        events: EventProducer,
+        destinations: DestinationWriter,
+    ) -> Self {
+        Self {
+            cfg: Arc::new(cfg),
+            kafka,
+            store,
+            invoker,
+            events,
+            destinations,
+        }
+    }
+
+    /// Creates the queue and delay topics if missing.
+    ///
+    /// # Errors
+    /// When a topic cannot be created.
+    pub async fn ensure_topics(&self) -> Result<(), PollerError> {
+        let mut specs = vec![TopicSpec {
+            name: self.cfg.queue_topic.clone(),
+            partitions: self.cfg.queue_partitions,
+            config: Vec::new(),
+        }];
+        for tier in self.cfg.tiers() {
+            specs.push(TopicSpec {
+                name: self.cfg.delay_topic(tier),
+                partitions: self.cfg.delay_partitions,
+                config: Vec::new(),
+            });
+        }
+        for spec in specs {
+            ensure_topic(&self.kafka, &spec)
+                .await
+                .map_err(|source| PollerError::CreateTopic {
+                    topic: spec.name.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        trackers: &Arc<Mutex<Trackers>>,
+    ) -> Result<Arc<StreamConsumer<RebalanceContext>>, PollerError> {
+        let consumer: StreamConsumer<RebalanceContext> = self
+            .kafka
+            .client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "50")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .create_with_context(RebalanceContext {
+                trackers: Arc::clone(trackers),
+            })
+            .map_err(PollerError::Consumer)?;
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(PollerError::Consumer)?;
+        Ok(Arc::new(consumer))
+    }
+
+    /// Runs both loops until `cancel`, then drains and commits.
+    ///
+    /// # Errors
+    /// When topics or consumers cannot be set up.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), PollerError> {
+        self.ensure_topics().await?;
+        let queue_trackers = Arc::new(Mutex::new(Trackers::default()));
+        let queue = self.consumer(
+            &self.cfg.group_id,
+            std::slice::from_ref(&self.cfg.queue_topic),
+            &queue_trackers,
+        )?;
+        let delay_topics: Vec<String> = self
+            .cfg
+            .tiers()
+            .into_iter()
+            .map(|t| self.cfg.delay_topic(t))
+            .collect();
+        let delay_trackers = Arc::new(Mutex::new(Trackers::default()));
+        let delay = self.consumer(
+            &format!("{}-delay", self.cfg.group_id),
+            &delay_topics,
+            &delay_trackers,
+        )?;
+        tracing::info!(queue = %self.cfg.queue_topic, delay_topics = delay_topics.len(), "async poller started");
+
+        let me = self.clone();
+        let queue_loop = consume::run(
+            queue,
+            queue_trackers,
+            self.cfg.max_in_flight,
+            Duration::from_millis(500),
+            Duration::from_secs(10),
+            cancel.clone(),
+            move |m| {
+                let me = me.clone();
+                let event = AsyncEvent::from_message(m);
+                Some(async move {
+                    match event {
+                        Ok(event) => me.process(event).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "skipping a record of the async queue that is not an event");
+                            metrics::counter!("sluice_async_events_dropped_total", "reason" => "Malformed").increment(1);
+                        }
+                    }
+                })
+            },
+        );
+        let me = self.clone();
+        let delay_loop = consume::run(
+            delay,
+            delay_trackers,
+            self.cfg.max_delayed,
+            Duration::from_millis(500),
+            Duration::from_secs(1),
+            cancel.clone(),
+            move |m| {
+                let me = me.clone();
+                let event = AsyncEvent::from_message(m);
+                let cancel = cancel.clone();
+                Some(async move {
+                    let Ok(mut event) = event else { return };
+                    let wait = Duration::from_millis(
+                        u64::try_from(event.not_before_ms - now_ms()).unwrap_or(0),
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        // Not done: the offset stays uncommitted and the record comes back.
+                        () = cancel.cancelled() => { std::future::pending::<()>().await }
+                    }
+                    event.not_before_ms = 0;
+                    me.send_durably(&me.cfg.queue_topic, &event).await;
+                })
+            },
+        );
+        tokio::join!(queue_loop, delay_loop);
+        tracing::info!("async poller stopped");
+        Ok(())
+    }
+
+    /// Writes `event` to `topic`, retrying until Kafka has it.
+    async fn send_durably(&self, topic: &str, event: &AsyncEvent) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.events.send(topic, event).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(topic, error = %e, "could not re-queue an event; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn process(&self, event: AsyncEvent) {
+        let function = event.function.clone();
+        match self.decide(event).await {
+            Next::Done => {}
+            Next::Requeue { delay, mut event } => {
+                event.not_before_ms =
+                    now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                let topic = self.cfg.delay_topic(delay);
+                tracing::debug!(function = %function, request_id = %event.request_id, ?delay, "re-queued");
+                self.send_durably(&topic, &event).await;
+            }
+        }
+    }
+
+    fn arn(&self, function: &str) -> String {
+        format!("{}{function}", self.cfg.function_arn_prefix)
+    }
+
+    async fn to_destination(
+        &self,
+        uri: Option<String>,
+        event: &AsyncEvent,
+        condition: Condition,
+        response: Option<(Option<String>, &[u8])>,
+    ) {
+        let Some(topic) = uri.and_then(|u| u.strip_prefix("kafka://").map(str::to_owned)) else {
+            return;
+        };
+        let record = InvocationRecord::new(
+            &event.request_id,
+            &self.arn(&event.function),
+            condition,
+            event.attempts,
+            &event.payload,
+            response,
+            now_ms(),
+        );
+        let value = match serde_json::to_vec(&record) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an invocation record");
+                return;
+            }
+        };
+        self.destinations
+            .write(
+                &topic,
+                &event.function,
+                &value,
+                &[("sluice-request-id", &event.request_id)],
+            )
+            .await;
+    }
+
+    async fn decide(&self, mut event: AsyncEvent) -> Next {
+        let labels = [("function", event.function.clone())];
+        let Some(function) = self.store.function(&event.function) else {
+            tracing::warn!(function = %event.function, request_id = %event.request_id, "dropping an event of a deleted function");
+            metrics::counter!("sluice_async_events_dropped_total", "reason" => "FunctionDeleted")
+                .increment(1);
+            return Next::Done;
+        };
+        let config: EventInvokeConfig = self
+            .store
+            .event_invoke_config(&event.function)
+            .map(|c| c.object)
+            .unwrap_or_default();
+        let dest = config.destination_config.clone().unwrap_or_default();
+        let on_failure = dest.on_failure.and_then(|d| d.destination);
+        let on_success = dest.on_success.and_then(|d| d.destination);
+        let now = now_ms();
+        let age = event.age(now);
+        metrics::histogram!("sluice_async_event_age_seconds", &labels).record(age.as_secs_f64());
+        if age
+            > Duration::from_secs(
+                u64::try_from(config.maximum_event_age_in_seconds).unwrap_or(21_600),
+            )
+        {
+            metrics::counter!("sluice_async_events_dropped_total", "reason" => "EventAgeExceeded")
+                .increment(1);
+            tracing::info!(function = %event.function, request_id = %event.request_id, ?age, "event too old");
+            self.to_destination(on_failure, &event, Condition::EventAgeExceeded, None)
+                .await;
+            return Next::Done;
+        }
+        if function.object.reserved_concurrent_executions == Some(0) {
+            metrics::counter!("sluice_async_events_dropped_total", "reason" => "ZeroReservedConcurrency").increment(1);
+            metrics::counter!("sluice_throttles_total", &labels).increment(1);
+            self.to_destination(on_failure, &event, Condition::ZeroReservedConcurrency, None)
+                .await;
+            return Next::Done;
+        }
+        let req = InvokeRequest {
+            function: event.function.clone(),
+            request_id: event.request_id.clone(),
+            payload: event.payload.clone(),
+            trace_id: String::new(),
+        };
+        match self.invoker.invoke(req).await {
+            Ok(done) => {
+                event.attempts += 1;
+                match done.result {
+                    FunctionResult::Ok(payload) => {
+                        self.to_destination(
+                            on_success,
+                            &event,
+                            Condition::Success,
+                            Some((None, &payload)),
+                        )
+                        .await;
+                        Next::Done
+                    }
+                    FunctionResult::Err {
+                        error_type,
+                        payload,
+                    } => {
+                        let retries = u32::try_from(config.maximum_retry_attempts).unwrap_or(2);
+                        let retries = retries
+                            .min(u32::try_from(self.cfg.retry_delays.len()).unwrap_or(u32::MAX));
+                        tracing::info!(function = %event.function, request_id = %event.request_id, attempt = event.attempts, %error_type, "function error");
+                        if event.attempts <= retries {
+                            let delay = self.cfg.retry_delays
+                                [usize::try_from(event.attempts - 1).unwrap_or(0)];
+                            Next::Requeue { delay, event }
+                        } else {
+                            metrics::counter!("sluice_async_events_dropped_total", "reason" => "RetriesExhausted").increment(1);
+                            self.to_destination(
+                                on_failure,
+                                &event,
+                                Condition::RetriesExhausted,
+                                Some((Some("Unhandled".into()), &payload)),
+                            )
+                            .await;
+                            Next::Done
+                        }
+                    }
+                }
+            }
+            Err(InvokeError::NotFound(_)) => {
+                metrics::counter!("sluice_async_events_dropped_total", "reason" => "FunctionDeleted").increment(1);
+                Next::Done
+            }
+            Err(e) => {
+                // Throttled, no capacity or a service error: not an attempt; back off.
+                event.throttles += 1;
+                if matches!(e, InvokeError::Throttled { .. }) {
+                    metrics::counter!("sluice_throttles_total", &labels).increment(1);
+                }
+                let delay = self.cfg.throttle_backoff(event.throttles);
+                tracing::debug!(function = %event.function, request_id = %event.request_id, error = %e, ?delay, "could not invoke; backing off");
+                Next::Requeue { delay, event }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lambdas_delays_become_tiers() {
+        let c = AsyncPollerConfig::new("sluice.", "arn:");
+        let tiers: Vec<u64> = c.tiers().iter().map(Duration::as_secs).collect();
+        assert_eq!(tiers, [1, 2, 4, 8, 16, 32, 60, 64, 120, 128, 256, 300]);
+        assert_eq!(
+            c.delay_topic(Duration::from_secs(60)),
+            "sluice.async.delay.60000"
+        );
+    }
+
+    #[test]
+    fn throttle_backoff_doubles_from_one_second_to_five_minutes() {
+        let c = AsyncPollerConfig::new("sluice.", "arn:");
+        let steps: Vec<u64> = (1..=11).map(|n| c.throttle_backoff(n).as_secs()).collect();
+        assert_eq!(steps, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert!(c.tiers().contains(&c.throttle_backoff(40)));
+    }
+}

@@ -1,0 +1,71 @@
+//! Offsets of one partition's records in flight, for at-least-once processing out of order.
+
+use std::collections::BTreeSet;
+
+/// Tracks a partition's records from fetch to completion.
+#[derive(Debug, Default, Clone)]
+pub struct OffsetTracker {
+    in_flight: BTreeSet<i64>,
+    /// One past the highest offset seen.
+    next: Option<i64>,
+    /// The last offset handed out for commit.
+    committed: Option<i64>,
+}
+
+impl OffsetTracker {
+    /// Notes that the record at `offset` is being processed.
+    pub fn start(&mut self, offset: i64) {
+        self.in_flight.insert(offset);
+        self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
+    }
+
+    /// Notes that the record at `offset` is done (processed, or durably handed on).
+    pub fn finish(&mut self, offset: i64) {
+        self.in_flight.remove(&offset);
+    }
+
+    /// The offset to commit (Kafka's "next record to read"): the lowest unfinished record, or one
+    /// past the highest seen when all are done. `None` when nothing new can be committed.
+    pub fn commit_point(&mut self) -> Option<i64> {
+        let point = self.in_flight.first().copied().or(self.next)?;
+        if self.committed == Some(point) {
+            return None;
+        }
+        self.committed = Some(point);
+        Some(point)
+    }
+
+    /// Records in flight.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_never_passes_the_lowest_unfinished_record() {
+        let mut t = OffsetTracker::default();
+        for o in 10..15 {
+            t.start(o);
+        }
+        t.finish(11);
+        t.finish(12);
+        assert_eq!(t.commit_point(), Some(10));
+        assert_eq!(t.commit_point(), None, "nothing new");
+        t.finish(10);
+        assert_eq!(t.commit_point(), Some(13));
+        t.finish(14);
+        t.finish(13);
+        assert_eq!(t.commit_point(), Some(15));
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn nothing_to_commit_before_any_record() {
+        assert_eq!(OffsetTracker::default().commit_point(), None);
+    }
+}

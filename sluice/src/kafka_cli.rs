@@ -1,0 +1,414 @@
+//! Kafka tools: `sluice produce` (kcat-style), `sluice destinations tail`, `sluice redrive`.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sluice_core::events::{AsyncEvent, EventProducer};
+use sluice_core::kafka::KafkaSettings;
+use sluice_destinations::InvocationRecord;
+
+/// Options of `sluice produce`.
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// Kafka bootstrap servers.
+    #[arg(
+        short = 'b',
+        long = "brokers",
+        env = "SLUICE_KAFKA",
+        default_value = "127.0.0.1:9092"
+    )]
+    brokers: String,
+    /// Topic to write to.
+    #[arg(short = 't', long)]
+    topic: String,
+    /// Split each line at the first DELIM into key and value.
+    #[arg(short = 'K', long = "key-delimiter", value_name = "DELIM")]
+    key_delimiter: Option<String>,
+    /// The key of every record (unless -K gives one per line).
+    #[arg(short = 'k', long)]
+    key: Option<String>,
+    /// A header NAME=VALUE on every record (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "NAME=VALUE")]
+    headers: Vec<String>,
+    /// Partition to write to (default: by key, or spread).
+    #[arg(short = 'p', long)]
+    partition: Option<i32>,
+    /// Stop after COUNT records.
+    #[arg(short = 'c', long)]
+    count: Option<usize>,
+    /// Read lines from this file instead of stdin.
+    file: Option<String>,
+}
+
+pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+    let kafka = KafkaSettings::new(&args.brokers);
+    let producer: FutureProducer = kafka
+        .durable_producer_config()
+        .create()
+        .context("create the producer")?;
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        let (k, v) = h
+            .split_once('=')
+            .with_context(|| format!("-H takes NAME=VALUE, got {h:?}"))?;
+        headers.push((k.to_owned(), v.to_owned()));
+    }
+    let reader: Box<dyn BufRead> = match &args.file {
+        Some(path) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("open {path}"))?,
+        )),
+        None => Box::new(std::io::BufReader::new(std::io::stdin())),
+    };
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let (mut delivered, mut failed, mut sent) = (0usize, 0usize, 0usize);
+    for line in reader.lines() {
+        if args.count.is_some_and(|c| sent >= c) {
+            break;
+        }
+        let line = line.context("read input")?;
+        let (key, value) = match &args.key_delimiter {
+            Some(d) => match line.split_once(d.as_str()) {
+                Some((k, v)) => (Some(k.to_owned()), v.to_owned()),
+                None => (args.key.clone(), line),
+            },
+            None => (args.key.clone(), line),
+        };
+        let mut h = OwnedHeaders::new();
+        for (k, v) in &headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let producer = producer.clone();
+        let topic = args.topic.clone();
+        let partition = args.partition;
+        pending.push(async move {
+            let mut record = FutureRecord::to(&topic).payload(&value).headers(h);
+            if let Some(k) = &key {
+                record = record.key(k);
+            }
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+        });
+        sent += 1;
+        while pending.len() >= 1000 {
+            tally(
+                futures::StreamExt::next(&mut pending).await,
+                &mut delivered,
+                &mut failed,
+            );
+        }
+    }
+    while let Some(r) = futures::StreamExt::next(&mut pending).await {
+        tally(Some(r), &mut delivered, &mut failed);
+    }
+    eprintln!("{delivered} delivered, {failed} failed to {}", args.topic);
+    if failed > 0 {
+        bail!("{failed} of {sent} records were not delivered");
+    }
+    Ok(())
+}
+
+fn tally(r: Option<Result<(), rdkafka::error::KafkaError>>, ok: &mut usize, failed: &mut usize) {
+    match r {
+        Some(Ok(())) => *ok += 1,
+        Some(Err(e)) => {
+            *failed += 1;
+            eprintln!("delivery failed: {e}");
+        }
+        None => {}
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DestinationsCommand {
+    /// Print the records of a destination topic readably: condition, attempts, error, payload.
+    Tail(TailArgs),
+}
+
+/// Options of `sluice destinations tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// The destination, `kafka://<topic>`.
+    destination: String,
+    /// Kafka bootstrap servers.
+    #[arg(
+        short = 'b',
+        long = "brokers",
+        env = "SLUICE_KAFKA",
+        default_value = "127.0.0.1:9092"
+    )]
+    brokers: String,
+    /// Keep waiting for new records instead of stopping at the end.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Print raw JSON, one record per line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn topic_of(uri: &str) -> anyhow::Result<String> {
+    let parsed: sluice_core::model::KafkaTopicUri = uri
+        .parse()
+        .map_err(|e: sluice_core::model::Violations| anyhow::anyhow!("{e}"))?;
+    Ok(parsed.topic)
+}
+
+/// Assigns every partition of `topic` from the beginning; returns the end offsets.
+fn assign_all(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<HashMap<i32, i64>> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .context("read topic metadata")?;
+    let t = md.topics().first().context("no such topic")?;
+    if t.partitions().is_empty() {
+        bail!("topic {topic} does not exist (no destination record was written yet?)");
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in t.partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .context("read end offsets")?;
+        ends.insert(p.id(), high);
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .context("assign")?;
+    }
+    consumer.assign(&tpl).context("assign partitions")?;
+    Ok(ends)
+}
+
+pub async fn tail(cmd: DestinationsCommand) -> anyhow::Result<()> {
+    let DestinationsCommand::Tail(args) = cmd;
+    let topic = topic_of(&args.destination)?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let consumer: BaseConsumer = KafkaSettings::new(&args.brokers)
+            .client_config()
+            .set("group.id", "sluice-tail")
+            .set("enable.auto.commit", "false")
+            .create()
+            .context("create the consumer")?;
+        let ends = assign_all(&consumer, &topic)?;
+        let mut positions: HashMap<i32, i64> = HashMap::new();
+        let mut shown = 0usize;
+        loop {
+            let done = ends
+                .iter()
+                .all(|(p, end)| positions.get(p).copied().unwrap_or(0) >= *end);
+            if done && !args.follow {
+                break;
+            }
+            let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let m = m.context("read")?;
+            positions.insert(m.partition(), m.offset() + 1);
+            let payload = m.payload().unwrap_or_default();
+            shown += 1;
+            if args.json {
+                println!("{}", String::from_utf8_lossy(payload));
+                continue;
+            }
+            match serde_json::from_slice::<InvocationRecord>(payload) {
+                Ok(r) => print_record(&r, m.partition(), m.offset()),
+                Err(_) => println!(
+                    "[{}@{}] (not an invocation record) {}",
+                    m.partition(),
+                    m.offset(),
+                    String::from_utf8_lossy(payload)
+                ),
+            }
+        }
+        eprintln!("{shown} record(s) in {topic}");
+        Ok(())
+    })
+    .await
+    .context("tail task")?
+}
+
+fn print_record(r: &InvocationRecord, partition: i32, offset: i64) {
+    let c = &r.request_context;
+    println!(
+        "{}  {:?}  function={}  attempts={}  request={}  [{partition}@{offset}]",
+        r.timestamp,
+        c.condition,
+        r.function_name().unwrap_or("?"),
+        c.approximate_invoke_count,
+        c.request_id
+    );
+    if let Some(rc) = &r.response_context {
+        if let Some(fe) = &rc.function_error {
+            let p = r.response_payload.clone().unwrap_or_default();
+            let ty = p["errorType"].as_str().unwrap_or("");
+            let msg = p["errorMessage"]
+                .as_str()
+                .map_or_else(|| p.to_string(), str::to_owned);
+            println!("  error ({fe}): {ty} {msg}");
+        } else if let Some(p) = &r.response_payload {
+            println!("  response: {p}");
+        }
+    }
+    println!("  payload: {}", r.request_payload);
+}
+
+/// Options of `sluice redrive`.
+#[derive(Debug, Args)]
+pub struct RedriveArgs {
+    /// The failure destination, `kafka://<topic>`.
+    destination: String,
+    /// Kafka bootstrap servers.
+    #[arg(
+        short = 'b',
+        long = "brokers",
+        env = "SLUICE_KAFKA",
+        default_value = "127.0.0.1:9092"
+    )]
+    brokers: String,
+    /// Prefix of Sluice's topics (the async queue is `<prefix>async`).
+    #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "sluice.")]
+    topic_prefix: String,
+}
+
+pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
+    let topic = topic_of(&args.destination)?;
+    let kafka = KafkaSettings::new(&args.brokers);
+    let events = EventProducer::new(&kafka).context("create the producer")?;
+    let queue = format!("{}async", args.topic_prefix);
+    // Progress is the committed offsets of this group: an interrupted redrive resumes there.
+    let group = format!("{}redrive.{topic}", args.topic_prefix);
+    let brokers = args.brokers.clone();
+    let topic2 = topic.clone();
+    let group2 = group.clone();
+    let (consumer, ends, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let consumer: BaseConsumer = KafkaSettings::new(&brokers)
+            .client_config()
+            .set("group.id", &group2)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .context("create the consumer")?;
+        let md = consumer
+            .fetch_metadata(Some(&topic2), Duration::from_secs(10))
+            .context("read topic metadata")?;
+        let parts: Vec<i32> = md
+            .topics()
+            .first()
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
+        if parts.is_empty() {
+            bail!("topic {topic2} does not exist");
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in &parts {
+            tpl.add_partition(&topic2, *p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .context("read redrive progress")?;
+        let mut assign = TopicPartitionList::new();
+        let mut ends = HashMap::new();
+        let mut total = 0i64;
+        for el in committed.elements() {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic2, el.partition(), Duration::from_secs(10))
+                .context("end offsets")?;
+            let start = match el.offset() {
+                Offset::Offset(o) => o.max(low),
+                _ => low,
+            };
+            total += (high - start).max(0);
+            ends.insert(el.partition(), high);
+            assign
+                .add_partition_offset(&topic2, el.partition(), Offset::Offset(start))
+                .context("assign")?;
+        }
+        consumer.assign(&assign).context("assign")?;
+        Ok((consumer, ends, total))
+    })
+    .await
+    .context("redrive set-up")??;
+    eprintln!("redriving {total} record(s) from {topic} to {queue} (progress kept in consumer group {group})");
+    let (mut redriven, mut skipped, mut done) = (0i64, 0i64, 0i64);
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    let consumer = std::sync::Arc::new(consumer);
+    loop {
+        if ends
+            .iter()
+            .all(|(p, end)| positions.get(p).copied().unwrap_or(-1) >= *end || *end == 0)
+        {
+            break;
+        }
+        let c = std::sync::Arc::clone(&consumer);
+        let polled = tokio::task::spawn_blocking(move || {
+            c.poll(Duration::from_millis(500)).map(|r| {
+                r.map(|m| {
+                    (
+                        m.partition(),
+                        m.offset(),
+                        m.payload().unwrap_or_default().to_vec(),
+                    )
+                })
+            })
+        })
+        .await
+        .context("poll")?;
+        let Some(polled) = polled else {
+            // Nothing more arrives: every partition is at its end.
+            if positions.len() == ends.len() || ends.values().all(|e| *e == 0) {
+                break;
+            }
+            continue;
+        };
+        let (partition, offset, payload) = polled.context("read")?;
+        match serde_json::from_slice::<InvocationRecord>(&payload) {
+            Ok(r) => {
+                let function = r.function_name().unwrap_or_default().to_owned();
+                let request_id = format!("redrive-{}", r.request_context.request_id);
+                let event = AsyncEvent::new(&function, &request_id, r.request_bytes());
+                events
+                    .send(&queue, &event)
+                    .await
+                    .with_context(|| format!("re-submit record {partition}@{offset}"))?;
+                redriven += 1;
+            }
+            Err(_) => skipped += 1,
+        }
+        // Commit after the event is in the queue: a crash repeats at most this one record.
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1))
+            .context("commit")?;
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .context("record redrive progress")?;
+        positions.insert(partition, offset + 1);
+        done += 1;
+        eprint!("\r[{}] {done}/{total}", bar(done, total));
+    }
+    eprintln!();
+    eprintln!("{redriven} re-submitted, {skipped} skipped (not invocation records), from {topic}");
+    let _ = Headers::count(&OwnedHeaders::new());
+    Ok(())
+}
+
+fn bar(done: i64, total: i64) -> String {
+    let width = 30;
+    let filled = if total > 0 {
+        usize::try_from(done * width / total).unwrap_or(0).min(30)
+    } else {
+        30
+    };
+    format!("{}{}", "#".repeat(filled), ".".repeat(30 - filled))
+}
