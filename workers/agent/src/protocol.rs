@@ -524,7 +524,11 @@ mod randomized {
 
     fn check(data: &[u8]) {
         if let Ok(frame) = decode(data) {
-            assert_eq!(encode(&frame).expect("encodes"), data, "non-canonical frame accepted: {frame:?}");
+            assert_eq!(
+                encode(&frame).expect("encodes"),
+                data,
+                "non-canonical frame accepted: {frame:?}"
+            );
         }
     }
 
@@ -547,7 +551,10 @@ mod randomized {
                 region: "r".into(),
                 environment: vec![("K".into(), "V".into())],
             }),
-            Frame::Log { request_id: "r".into(), line: "l".into() },
+            Frame::Log {
+                request_id: "r".into(),
+                line: "l".into(),
+            },
         ]
         .iter()
         .map(|f| encode(f).expect("encode"))
