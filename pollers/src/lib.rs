@@ -11,4 +11,5 @@
 #![forbid(unsafe_code)]
 
 pub mod async_poller;
+mod balance;
 pub mod offsets;

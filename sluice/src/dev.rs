@@ -82,6 +82,7 @@ async fn run_inner(args: &DevArgs, started: &mut Vec<Service>) -> anyhow::Result
         async_retry_delays: args.async_retry_delays.clone(),
         throttle_backoff_min: Duration::from_secs(1),
         throttle_backoff_max: Duration::from_secs(300),
+        lease_ttl: Duration::from_secs(10),
     };
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -87,6 +87,10 @@ pub struct NodeArgs {
     /// First back-off of a throttled async event; it doubles up to --throttle-backoff-max.
     #[arg(long, env = "SLUICE_THROTTLE_BACKOFF_MIN", default_value = "1s", value_parser = parse_duration)]
     pub throttle_backoff_min: Duration,
+    /// TTL of the Redis leases that give each poller its partitions: a dead node's partitions move
+    /// to the others after this long.
+    #[arg(long, env = "SLUICE_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
     /// Longest back-off of a throttled async event.
     #[arg(long, env = "SLUICE_THROTTLE_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
     pub throttle_backoff_max: Duration,
@@ -215,6 +219,8 @@ pub async fn start(
         retry_delays: args.async_retry_delays.clone(),
         throttle_backoff_min: args.throttle_backoff_min,
         throttle_backoff_max: args.throttle_backoff_max,
+        lease_ttl: args.lease_ttl,
+        redis_prefix: args.redis_prefix.clone(),
         ..AsyncPollerConfig::new(&args.topic_prefix, &account.function_arn(""))
     };
 
@@ -261,6 +267,8 @@ pub async fn start(
                     Arc::clone(invoker),
                     events.clone(),
                     destinations,
+                    redis.clone(),
+                    node_id.clone(),
                 );
                 poller.ensure_topics().await.context("create the async queue topics")?;
                 let cancel = cancel.child_token();

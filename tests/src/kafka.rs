@@ -49,3 +49,66 @@ pub async fn create_topic(name: &str, partitions: i32) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Reads every record of `topic` (all partitions, from the beginning) until `done` says enough
+/// or `timeout` passes; returns `(key, value)` pairs.
+///
+/// # Panics
+/// When the consumer cannot be created.
+pub async fn read_until(
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[(String, Vec<u8>)]) -> bool + Send + 'static,
+) -> Vec<(String, Vec<u8>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("group.id", unique_name("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let deadline = std::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut assigned = false;
+        while std::time::Instant::now() < deadline {
+            if !assigned {
+                let parts = consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                    .ok()
+                    .and_then(|md| {
+                        md.topics()
+                            .first()
+                            .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
+                    })
+                    .unwrap_or_default();
+                if parts.is_empty() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                let mut tpl = TopicPartitionList::new();
+                for p in parts {
+                    tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                        .expect("assign");
+                }
+                consumer.assign(&tpl).expect("assign");
+                assigned = true;
+            }
+            if done(&out) {
+                break;
+            }
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let key = m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                out.push((key, m.payload().unwrap_or_default().to_vec()));
+            }
+        }
+        out
+    })
+    .await
+    .expect("reader task")
+}

@@ -11,4 +11,5 @@
 
 pub mod functions;
 pub mod kafka;
+pub mod node;
 pub mod redis;

@@ -16,6 +16,7 @@
 pub mod cgroup;
 pub mod invoker;
 pub mod jail;
+pub mod kvm;
 pub mod pool;
 pub mod sandbox;
 

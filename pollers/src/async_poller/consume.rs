@@ -1,60 +1,82 @@
-//! A consumer-group loop that processes records concurrently (bounded) and commits, per
-//! partition, the lowest unfinished offset.
+//! A consume loop over leased partitions that processes records concurrently (bounded) and
+//! commits, per partition, the lowest unfinished offset.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_leasing::Lease;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::offsets::OffsetTracker;
 
-type Tp = (String, i32);
+pub(crate) type Tp = (String, i32);
 
-/// Offset trackers of the partitions this consumer owns, with an epoch per assignment so that a
-/// record finishing after its partition was revoked (and maybe re-assigned) is ignored.
+/// The partitions this consumer owns (each under a Redis lease), with their offset trackers and
+/// an epoch per ownership so that a record finishing after its partition moved is ignored.
 #[derive(Default)]
 pub(crate) struct Trackers {
-    by_partition: HashMap<Tp, (u64, OffsetTracker)>,
+    pub(crate) by_partition: HashMap<Tp, Owned>,
     epoch: u64,
 }
 
+/// One owned partition.
+pub(crate) struct Owned {
+    epoch: u64,
+    tracker: OffsetTracker,
+    /// The lease that makes this node the partition's only consumer.
+    pub(crate) lease: Lease,
+}
+
 impl Trackers {
-    fn start(&mut self, tp: &Tp, offset: i64) -> u64 {
-        let epoch = self.epoch;
-        let entry = self
-            .by_partition
-            .entry(tp.clone())
-            .or_insert_with(|| (epoch, OffsetTracker::default()));
-        entry.1.start(offset);
-        entry.0
+    /// Takes ownership of `tp` under `lease`.
+    pub(crate) fn own(&mut self, tp: Tp, lease: Lease) {
+        self.epoch += 1;
+        self.by_partition.insert(
+            tp,
+            Owned {
+                epoch: self.epoch,
+                tracker: OffsetTracker::default(),
+                lease,
+            },
+        );
+    }
+
+    /// Gives `tp` up; returns its lease.
+    pub(crate) fn disown(&mut self, tp: &Tp) -> Option<Lease> {
+        self.by_partition.remove(tp).map(|o| o.lease)
+    }
+
+    /// Starts tracking a record; `None` when the partition is not (or no longer) owned.
+    fn start(&mut self, tp: &Tp, offset: i64) -> Option<u64> {
+        let owned = self.by_partition.get_mut(tp)?;
+        owned.tracker.start(offset);
+        Some(owned.epoch)
     }
 
     fn finish(&mut self, tp: &Tp, offset: i64, epoch: u64) {
-        if let Some((e, t)) = self.by_partition.get_mut(tp) {
-            if *e == epoch {
-                t.finish(offset);
+        if let Some(o) = self.by_partition.get_mut(tp) {
+            if o.epoch == epoch {
+                o.tracker.finish(offset);
             }
         }
     }
 
-    fn commit_list(&mut self, only: Option<&TopicPartitionList>) -> TopicPartitionList {
+    /// Offsets to commit; only partitions whose lease is still valid (a holder that lost its
+    /// lease must not move the group's offsets).
+    pub(crate) fn commit_list(&mut self, only: Option<&Tp>) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), (_, t)) in &mut self.by_partition {
-            if let Some(only) = only {
-                if only.find_partition(topic, *partition).is_none() {
-                    continue;
-                }
+        for ((topic, partition), o) in &mut self.by_partition {
+            if only.is_some_and(|t| t.0 != *topic || t.1 != *partition) || !o.lease.is_valid() {
+                continue;
             }
-            if let Some(point) = t.commit_point() {
+            if let Some(point) = o.tracker.commit_point() {
                 let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(point));
             }
         }
@@ -62,40 +84,11 @@ impl Trackers {
     }
 }
 
-/// Commits what is done of revoked partitions before they move, and forgets them.
-pub(crate) struct RebalanceContext {
-    pub(crate) trackers: Arc<Mutex<Trackers>>,
-}
-
-impl ClientContext for RebalanceContext {}
-
-impl ConsumerContext for RebalanceContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(revoked) = rebalance {
-            let mut t = self
-                .trackers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let tpl = t.commit_list(Some(revoked));
-            if tpl.count() > 0 {
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                    tracing::warn!(error = %e, "commit on revoke failed; records since the last commit will be redelivered");
-                }
-            }
-            for el in revoked.elements() {
-                t.by_partition
-                    .remove(&(el.topic().to_owned(), el.partition()));
-            }
-            t.epoch += 1;
-        }
-    }
-}
-
-/// Consumes `consumer` until `cancel`, running `handle` on each record (at most `capacity` at
-/// once); a record counts as done when `handle` returns. Commits every `commit_every`, on revoke
-/// and at the end (after waiting up to `drain` for records in flight).
+/// Consumes `consumer` until `cancel`, running `handle` on each record of an owned partition (at
+/// most `capacity` at once); a record counts as done when `handle` returns. Commits every
+/// `commit_every` and at the end (after waiting up to `drain` for records in flight).
 pub(crate) async fn run<H, Fut>(
-    consumer: Arc<StreamConsumer<RebalanceContext>>,
+    consumer: Arc<StreamConsumer>,
     trackers: Arc<Mutex<Trackers>>,
     capacity: usize,
     commit_every: Duration,
@@ -154,10 +147,14 @@ pub(crate) async fn run<H, Fut>(
             rdkafka::Message::partition(&message),
         );
         let offset = rdkafka::Message::offset(&message);
-        let epoch = trackers
+        let Some(epoch) = trackers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .start(&tp, offset);
+            .start(&tp, offset)
+        else {
+            // A partition this node just gave up: its new owner reads it.
+            continue;
+        };
         let work = handle(&message);
         drop(message);
         let trackers = Arc::clone(&trackers);

@@ -15,13 +15,13 @@
 //! committed, so nothing acknowledged is lost on a crash; events run concurrently, so one
 //! function's delays or throttling never hold back another's.
 
-mod consume;
+pub(crate) mod consume;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::KafkaError;
 use sluice_core::events::{now_ms, AsyncEvent, EventProducer};
 use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest, Invoker};
@@ -31,7 +31,11 @@ use sluice_core::store::ConfigStore;
 use sluice_destinations::{Condition, DestinationWriter, InvocationRecord};
 use tokio_util::sync::CancellationToken;
 
-use self::consume::{RebalanceContext, Trackers};
+use redis::aio::ConnectionManager;
+use sluice_leasing::Leaser;
+
+use self::consume::Trackers;
+use crate::balance::Balancer;
 
 /// Settings of the async poller.
 #[derive(Debug, Clone)]
@@ -58,6 +62,10 @@ pub struct AsyncPollerConfig {
     pub delay_partitions: i32,
     /// `arn:aws:lambda:<region>:<account>:function:` (a name is appended).
     pub function_arn_prefix: String,
+    /// Partition leases: a dead node's partitions move after this long.
+    pub lease_ttl: Duration,
+    /// Prefix of the poller's Redis keys.
+    pub redis_prefix: String,
 }
 
 impl AsyncPollerConfig {
@@ -76,6 +84,8 @@ impl AsyncPollerConfig {
             queue_partitions: 8,
             delay_partitions: 2,
             function_arn_prefix: function_arn_prefix.to_owned(),
+            lease_ttl: Duration::from_secs(10),
+            redis_prefix: "sluice:".to_owned(),
         }
     }
 
@@ -118,9 +128,12 @@ pub enum PollerError {
         #[source]
         source: KafkaError,
     },
-    /// A consumer could not be created or subscribed.
+    /// A consumer could not be created.
     #[error("create consumer: {0}")]
     Consumer(#[source] KafkaError),
+    /// The partition leaser could not be set up.
+    #[error("set up partition leases: {0}")]
+    Leases(String),
 }
 
 /// The async poller of one node.
@@ -132,6 +145,8 @@ pub struct AsyncPoller {
     invoker: Arc<dyn Invoker>,
     events: EventProducer,
     destinations: DestinationWriter,
+    redis: ConnectionManager,
+    node_id: String,
 }
 
 enum Next {
@@ -149,6 +164,8 @@ impl AsyncPoller {
         invoker: Arc<dyn Invoker>,
         events: EventProducer,
         destinations: DestinationWriter,
+        redis: ConnectionManager,
+        node_id: String,
     ) -> Self {
         Self {
             cfg: Arc::new(cfg),
@@ -157,6 +174,8 @@ impl AsyncPoller {
             invoker,
             events,
             destinations,
+            redis,
+            node_id,
         }
     }
 
@@ -188,13 +207,8 @@ impl AsyncPoller {
         Ok(())
     }
 
-    fn consumer(
-        &self,
-        group: &str,
-        topics: &[String],
-        trackers: &Arc<Mutex<Trackers>>,
-    ) -> Result<Arc<StreamConsumer<RebalanceContext>>, PollerError> {
-        let consumer: StreamConsumer<RebalanceContext> = self
+    fn consumer(&self, group: &str) -> Result<Arc<StreamConsumer>, PollerError> {
+        let consumer: StreamConsumer = self
             .kafka
             .client_config()
             .set("group.id", group)
@@ -202,28 +216,51 @@ impl AsyncPoller {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "50")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            .create_with_context(RebalanceContext {
-                trackers: Arc::clone(trackers),
-            })
+            .create()
             .map_err(PollerError::Consumer)?;
-        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).map_err(PollerError::Consumer)?;
         Ok(Arc::new(consumer))
     }
 
-    /// Runs both loops until `cancel`, then drains and commits.
+    fn balancer(
+        &self,
+        name: &str,
+        consumer: &Arc<StreamConsumer>,
+        trackers: &Arc<Mutex<Trackers>>,
+        topics: Vec<String>,
+    ) -> Result<Balancer, PollerError> {
+        let leaser = Leaser::new(
+            self.redis.clone(),
+            self.cfg.redis_prefix.clone(),
+            self.node_id.clone(),
+            self.cfg.lease_ttl,
+        )
+        .map_err(|e| PollerError::Leases(e.to_string()))?;
+        Ok(Balancer {
+            consumer: Arc::clone(consumer),
+            trackers: Arc::clone(trackers),
+            leaser,
+            redis: self.redis.clone(),
+            members_key: format!("{}pollers:{name}", self.cfg.redis_prefix),
+            unit_prefix: format!("{name}:"),
+            topics,
+            holder: self.node_id.clone(),
+            ttl: self.cfg.lease_ttl,
+        })
+    }
+
+    /// Runs both loops until `cancel`, then drains, commits and hands the partitions back.
     ///
     /// # Errors
-    /// When topics or consumers cannot be set up.
+    /// When topics, consumers or leases cannot be set up.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), PollerError> {
         self.ensure_topics().await?;
         let queue_trackers = Arc::new(Mutex::new(Trackers::default()));
-        let queue = self.consumer(
-            &self.cfg.group_id,
-            std::slice::from_ref(&self.cfg.queue_topic),
+        let queue = self.consumer(&self.cfg.group_id)?;
+        let queue_balancer = self.balancer(
+            "async-queue",
+            &queue,
             &queue_trackers,
+            vec![self.cfg.queue_topic.clone()],
         )?;
         let delay_topics: Vec<String> = self
             .cfg
@@ -232,13 +269,20 @@ impl AsyncPoller {
             .map(|t| self.cfg.delay_topic(t))
             .collect();
         let delay_trackers = Arc::new(Mutex::new(Trackers::default()));
-        let delay = self.consumer(
-            &format!("{}-delay", self.cfg.group_id),
-            &delay_topics,
-            &delay_trackers,
-        )?;
+        let delay = self.consumer(&format!("{}-delay", self.cfg.group_id))?;
+        let delay_balancer =
+            self.balancer("async-delay", &delay, &delay_trackers, delay_topics.clone())?;
         tracing::info!(queue = %self.cfg.queue_topic, delay_topics = delay_topics.len(), "async poller started");
-
+        let balancers = tokio::spawn({
+            let (q, d, cancel) = (
+                queue_balancer.clone(),
+                delay_balancer.clone(),
+                cancel.clone(),
+            );
+            async move {
+                tokio::join!(q.run(cancel.clone()), d.run(cancel));
+            }
+        });
         let me = self.clone();
         let queue_loop = consume::run(
             queue,
@@ -289,6 +333,8 @@ impl AsyncPoller {
             },
         );
         tokio::join!(queue_loop, delay_loop);
+        let _ = balancers.await;
+        tokio::join!(queue_balancer.release_all(), delay_balancer.release_all());
         tracing::info!("async poller stopped");
         Ok(())
     }
@@ -308,10 +354,39 @@ impl AsyncPoller {
         }
     }
 
+    /// Redis key marking an event as finished (success, or its final failure record written).
+    fn done_key(&self, event: &AsyncEvent) -> String {
+        format!(
+            "{}async-done:{}:{}",
+            self.cfg.redis_prefix, event.request_id, event.attempts
+        )
+    }
+
     async fn process(&self, event: AsyncEvent) {
         let function = event.function.clone();
+        // A redelivery after a crash (the offset was not committed yet): skip what already
+        // finished, and count it. Only a redelivery of an event that was still running repeats.
+        let mut conn = self.redis.clone();
+        let seen: redis::RedisResult<bool> = redis::cmd("EXISTS")
+            .arg(self.done_key(&event))
+            .query_async(&mut conn)
+            .await;
+        if matches!(seen, Ok(true)) {
+            metrics::counter!("sluice_async_duplicates_skipped_total", "function" => function)
+                .increment(1);
+            return;
+        }
+        let key = self.done_key(&event);
         match self.decide(event).await {
-            Next::Done => {}
+            Next::Done => {
+                let _: redis::RedisResult<()> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("EX")
+                    .arg(86_400)
+                    .query_async(&mut conn)
+                    .await;
+            }
             Next::Requeue { delay, mut event } => {
                 event.not_before_ms =
                     now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);

@@ -1,7 +1,7 @@
 //! A Lambda function (built with `lambda_runtime`) that misbehaves on request. The event's
 //! `action` picks how:
 //! - `echo`: return the event; `log`: print a line to stdout and stderr, then return;
-//! - `error`: return a function error;
+//! - `error`: return a function error; `sleep`: wait `ms` milliseconds, then return the event;
 //! - `exit`: exit the process mid-invocation;
 //! - `hang`: never answer;
 //! - `hog`: allocate and touch `mb` MiB (default 1024);
@@ -24,6 +24,10 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
             Ok(p)
         }
         "error" => Err("the function failed on purpose".into()),
+        "sleep" => {
+            tokio::time::sleep(Duration::from_millis(p["ms"].as_u64().unwrap_or(100))).await;
+            Ok(p)
+        }
         "exit" => std::process::exit(3),
         "hang" => loop {
             tokio::time::sleep(Duration::from_secs(3600)).await;

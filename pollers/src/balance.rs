@@ -1,0 +1,215 @@
+//! Hands the partitions of a set of topics out to the pollers of the fleet with Redis leases, and
+//! keeps this node's consumer assigned to exactly the partitions it holds.
+//!
+//! Every node registers itself in a members set with a heartbeat; each aims for its fair share
+//! (`ceil(partitions / members)`), takes free partitions up to it, and gives back one partition per
+//! round while it holds more. A node that dies stops renewing: its leases expire after the TTL and
+//! the others take its partitions over, from the last committed offsets. The Kafka consumer group
+//! only stores offsets (no group membership), so failover does not depend on the broker expiring
+//! dead members.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use redis::aio::ConnectionManager;
+use sluice_leasing::Leaser;
+use tokio_util::sync::CancellationToken;
+
+use crate::async_poller::consume::{Tp, Trackers};
+
+/// Settings of a balancer.
+#[derive(Clone)]
+pub(crate) struct Balancer {
+    pub(crate) consumer: Arc<StreamConsumer>,
+    pub(crate) trackers: Arc<Mutex<Trackers>>,
+    pub(crate) leaser: Leaser,
+    pub(crate) redis: ConnectionManager,
+    /// Redis key of the members set.
+    pub(crate) members_key: String,
+    /// Lease names are `<unit_prefix><topic>/<partition>`.
+    pub(crate) unit_prefix: String,
+    pub(crate) topics: Vec<String>,
+    pub(crate) holder: String,
+    pub(crate) ttl: Duration,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
+}
+
+impl Balancer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Trackers> {
+        self.trackers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn one(tp: &Tp, offset: Offset) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        let _ = tpl.add_partition_offset(&tp.0, tp.1, offset);
+        tpl
+    }
+
+    fn unassign(&self, tp: &Tp) {
+        if let Err(e) = self
+            .consumer
+            .incremental_unassign(&Self::one(tp, Offset::Invalid))
+        {
+            tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "unassign failed");
+        }
+    }
+
+    /// The partitions of the topics (empty for topics that do not exist yet).
+    async fn units(&self) -> Vec<Tp> {
+        let consumer = Arc::clone(&self.consumer);
+        let topics = self.topics.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for t in &topics {
+                if let Ok(md) = consumer.fetch_metadata(Some(t), Duration::from_secs(5)) {
+                    for topic in md.topics() {
+                        out.extend(topic.partitions().iter().map(|p| (t.clone(), p.id())));
+                    }
+                }
+            }
+            out
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    async fn members(&self) -> usize {
+        let mut conn = self.redis.clone();
+        let now = now_ms();
+        let expiry = now + u64::try_from(self.ttl.as_millis() * 3).unwrap_or(u64::MAX);
+        let result: redis::RedisResult<(i64, i64, usize)> = redis::pipe()
+            .atomic()
+            .zadd(&self.members_key, &self.holder, expiry)
+            .zrembyscore(&self.members_key, "-inf", now)
+            .zcard(&self.members_key)
+            .query_async(&mut conn)
+            .await;
+        match result {
+            Ok((_, _, n)) => n.max(1),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not refresh pollers membership");
+                1
+            }
+        }
+    }
+
+    /// One round: drop lost leases, then move towards the fair share.
+    pub(crate) async fn tick(&self) {
+        let lost: Vec<Tp> = self
+            .lock()
+            .by_partition
+            .iter()
+            .filter(|(_, o)| !o.lease.is_valid())
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in lost {
+            self.lock().disown(&tp);
+            self.unassign(&tp);
+            metrics::counter!("sluice_poller_partitions_lost_total").increment(1);
+            tracing::warn!(topic = %tp.0, partition = tp.1, "lease lost; stopped consuming the partition");
+        }
+        let members = self.members().await;
+        let mut units = self.units().await;
+        if units.is_empty() {
+            return;
+        }
+        let target = units.len().div_ceil(members);
+        let owned = self.lock().by_partition.len();
+        if owned < target {
+            units.shuffle(&mut rand::rng());
+            let mut owned = owned;
+            for tp in units {
+                if owned >= target {
+                    break;
+                }
+                if self.lock().by_partition.contains_key(&tp) {
+                    continue;
+                }
+                match self
+                    .leaser
+                    .acquire(&format!("{}{}/{}", self.unit_prefix, tp.0, tp.1))
+                    .await
+                {
+                    Ok(Some(lease)) => {
+                        self.lock().own(tp.clone(), lease);
+                        if let Err(e) = self
+                            .consumer
+                            .incremental_assign(&Self::one(&tp, Offset::Stored))
+                        {
+                            tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "assign failed");
+                            let lease = self.lock().disown(&tp);
+                            if let Some(lease) = lease {
+                                let _ = lease.release().await;
+                            }
+                            continue;
+                        }
+                        owned += 1;
+                        tracing::info!(topic = %tp.0, partition = tp.1, "took partition");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "lease acquire failed"),
+                }
+            }
+        } else if owned > target {
+            let victim = self.lock().by_partition.keys().next().cloned();
+            if let Some(tp) = victim {
+                self.give_back(&tp).await;
+            }
+        }
+        metrics::gauge!("sluice_poller_partitions_owned", "topic" => self.topics.first().cloned().unwrap_or_default())
+            .set(self.lock().by_partition.len() as f64);
+    }
+
+    /// Commits what is done of `tp`, stops consuming it and releases its lease.
+    async fn give_back(&self, tp: &Tp) {
+        let tpl = self.lock().commit_list(Some(tp));
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit before handing a partition over failed");
+            }
+        }
+        let lease = self.lock().disown(tp);
+        self.unassign(tp);
+        if let Some(lease) = lease {
+            let _ = lease.release().await;
+        }
+        tracing::info!(topic = %tp.0, partition = tp.1, "handed partition over");
+    }
+
+    /// Rounds every TTL/3 until `cancel`.
+    pub(crate) async fn run(self, cancel: CancellationToken) {
+        let period = self.ttl / 3;
+        loop {
+            self.tick().await;
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(period) => {}
+            }
+        }
+    }
+
+    /// Commits, unassigns and releases every partition, and leaves the members set (shutdown,
+    /// after the consume loop has drained).
+    pub(crate) async fn release_all(&self) {
+        let all: Vec<Tp> = self.lock().by_partition.keys().cloned().collect();
+        for tp in all {
+            self.give_back(&tp).await;
+        }
+        let mut conn = self.redis.clone();
+        let _: redis::RedisResult<i64> = redis::cmd("ZREM")
+            .arg(&self.members_key)
+            .arg(&self.holder)
+            .query_async(&mut conn)
+            .await;
+    }
+}

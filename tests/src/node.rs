@@ -1,0 +1,128 @@
+//! A real `sluice node` process for end-to-end tests, on the test broker and a private Redis,
+//! with its own topic and key prefixes.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::functions::bin_dir;
+
+/// A running node; SIGKILLed on drop.
+pub struct Node {
+    child: Child,
+    /// Its API, `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    args: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Node {
+    /// Starts a node with every role; `extra` are more `sluice node` flags.
+    ///
+    /// # Panics
+    /// When the binary is missing or the node does not come up within 60 s.
+    #[must_use]
+    pub fn start(kafka: &str, redis_url: &str, prefix: &str, extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "--kafka".into(),
+            kafka.into(),
+            "--redis".into(),
+            redis_url.into(),
+            "--api".into(),
+            format!("127.0.0.1:{port}"),
+            "--topic-prefix".into(),
+            format!("{prefix}."),
+            "--redis-prefix".into(),
+            format!("{prefix}:"),
+            "--node-id".into(),
+            format!("{prefix}-node"),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let mut node = Self {
+            child: spawn(&args),
+            endpoint: format!("http://127.0.0.1:{port}"),
+            args,
+        };
+        node.wait_ready();
+        node
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let addr = self.endpoint.trim_start_matches("http://").to_owned();
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("sluice node exited with {status} before serving its API");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sluice node did not serve {} within 60 s", self.endpoint);
+    }
+
+    /// SIGKILLs the node (no shutdown, no commits, no lease release).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the node again with the same flags (same API port).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(&self.args);
+        self.wait_ready();
+    }
+
+    /// The value of a Prometheus counter or gauge, summed over label sets matching `labels`.
+    ///
+    /// # Panics
+    /// When `/metrics` cannot be read.
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.endpoint))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .filter(|l| {
+                l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+fn spawn(args: &[String]) -> Child {
+    let bin = bin_dir().join("sluice");
+    assert!(
+        bin.is_file(),
+        "{} is not built (cargo test --workspace builds it)",
+        bin.display()
+    );
+    Command::new(bin)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("SLUICE_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sluice node")
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
