@@ -66,6 +66,28 @@ pub enum FunctionsCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Set how a function's asynchronous invocations are retried and where their records go
+    /// (PutFunctionEventInvokeConfig).
+    ///
+    /// Example: sluice functions put-event-invoke-config echo --max-retries 1 --on-failure kafka://echo-failed
+    PutEventInvokeConfig {
+        /// The function's name.
+        name: String,
+        /// Retries after a function error, 0–2 (Lambda's default 2).
+        #[arg(long, default_value_t = 2)]
+        max_retries: i64,
+        /// Oldest an event may get before it is dropped to on-failure, 60–21600 s.
+        #[arg(long, default_value_t = 21_600)]
+        max_age: i64,
+        /// Where success records go: kafka://<topic>.
+        #[arg(long)]
+        on_success: Option<String>,
+        /// Where failure records go: kafka://<topic>.
+        #[arg(long)]
+        on_failure: Option<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Delete a function (and its event-invoke config).
     Delete {
         /// The function's name.
@@ -138,6 +160,30 @@ pub async fn run(cmd: FunctionsCommand) -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&call(http.get(&url)).await?)?
+            );
+        }
+        FunctionsCommand::PutEventInvokeConfig {
+            name,
+            max_retries,
+            max_age,
+            on_success,
+            on_failure,
+            endpoint,
+        } => {
+            let dest =
+                |d: Option<String>| d.map_or_else(|| json!({}), |d| json!({ "Destination": d }));
+            let body = json!({
+                "MaximumRetryAttempts": max_retries,
+                "MaximumEventAgeInSeconds": max_age,
+                "DestinationConfig": { "OnSuccess": dest(on_success), "OnFailure": dest(on_failure) },
+            });
+            let url = format!(
+                "{}/2019-09-25/functions/{name}/event-invoke-config",
+                endpoint.endpoint
+            );
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&call(http.put(&url).json(&body)).await?)?
             );
         }
         FunctionsCommand::Delete { name, endpoint } => {

@@ -53,6 +53,40 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         .durable_producer_config()
         .create()
         .context("create the producer")?;
+    {
+        use rdkafka::producer::Producer;
+        let client = producer.clone();
+        let topic = args.topic.clone();
+        let md = tokio::task::spawn_blocking(move || {
+            client
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        })
+        .await
+        .context("metadata task")?
+        .with_context(|| format!("read metadata of {} from {}", args.topic, args.brokers))?;
+        let partitions = md
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            bail!(
+                "topic {:?} does not exist on {} (create it first)",
+                args.topic,
+                args.brokers
+            );
+        }
+        if let Some(p) = args.partition {
+            if p < 0 || usize::try_from(p).unwrap_or(usize::MAX) >= partitions {
+                bail!(
+                    "-p {p}: topic {} has partitions 0..={}",
+                    args.topic,
+                    partitions - 1
+                );
+            }
+        }
+    }
     let mut headers = Vec::new();
     for h in &args.headers {
         let (k, v) = h
@@ -280,6 +314,9 @@ pub struct RedriveArgs {
     /// Prefix of Sluice's topics (the async queue is `<prefix>async`).
     #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "sluice.")]
     topic_prefix: String,
+    /// Stop after this many records (the next run resumes after them).
+    #[arg(long)]
+    limit: Option<i64>,
 }
 
 pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
@@ -292,7 +329,8 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     let brokers = args.brokers.clone();
     let topic2 = topic.clone();
     let group2 = group.clone();
-    let (consumer, ends, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let queue2 = queue.clone();
+    let (consumer, ends, starts, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let consumer: BaseConsumer = KafkaSettings::new(&brokers)
             .client_config()
             .set("group.id", &group2)
@@ -320,6 +358,7 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
             .context("read redrive progress")?;
         let mut assign = TopicPartitionList::new();
         let mut ends = HashMap::new();
+        let mut starts = HashMap::new();
         let mut total = 0i64;
         for el in committed.elements() {
             let (low, high) = consumer
@@ -331,24 +370,37 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
             };
             total += (high - start).max(0);
             ends.insert(el.partition(), high);
+            starts.insert(el.partition(), start);
             assign
                 .add_partition_offset(&topic2, el.partition(), Offset::Offset(start))
                 .context("assign")?;
         }
         consumer.assign(&assign).context("assign")?;
-        Ok((consumer, ends, total))
+        let queue_md = consumer.fetch_metadata(Some(&queue2), Duration::from_secs(10)).context("read queue metadata")?;
+        if queue_md.topics().first().is_none_or(|t| t.partitions().is_empty()) {
+            bail!(
+                "the async queue {queue2} does not exist: is a Sluice node with the poller role running \
+                 on this cluster with the same --topic-prefix?"
+            );
+        }
+        Ok((consumer, ends, starts, total))
     })
     .await
     .context("redrive set-up")??;
     eprintln!("redriving {total} record(s) from {topic} to {queue} (progress kept in consumer group {group})");
     let (mut redriven, mut skipped, mut done) = (0i64, 0i64, 0i64);
-    let mut positions: HashMap<i32, i64> = HashMap::new();
+    let mut positions: HashMap<i32, i64> = starts;
     let consumer = std::sync::Arc::new(consumer);
     loop {
         if ends
             .iter()
-            .all(|(p, end)| positions.get(p).copied().unwrap_or(-1) >= *end || *end == 0)
+            .all(|(p, end)| positions.get(p).copied().unwrap_or(-1) >= *end)
         {
+            break;
+        }
+        if args.limit.is_some_and(|l| done >= l) {
+            eprintln!();
+            eprintln!("stopping after {done} record(s) (--limit); run again to continue");
             break;
         }
         let c = std::sync::Arc::clone(&consumer);
@@ -365,13 +417,7 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         })
         .await
         .context("poll")?;
-        let Some(polled) = polled else {
-            // Nothing more arrives: every partition is at its end.
-            if positions.len() == ends.len() || ends.values().all(|e| *e == 0) {
-                break;
-            }
-            continue;
-        };
+        let Some(polled) = polled else { continue };
         let (partition, offset, payload) = polled.context("read")?;
         match serde_json::from_slice::<InvocationRecord>(&payload) {
             Ok(r) => {

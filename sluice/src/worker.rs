@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use sluice_workers::jail::{JailBackend, JailConfig};
+use sluice_workers::kvm::{self, KvmBackend, KvmConfig};
 use sluice_workers::SandboxBackend;
 
 /// How functions are isolated on this node.
@@ -18,45 +19,56 @@ pub enum SandboxKind {
     Kvm,
 }
 
-/// What this host's `/dev/kvm` can do for micro-VMs.
-fn kvm_status() -> (bool, String) {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        return (false, "/dev/kvm does not exist".into());
+/// Where the guest kernel is: `$SLUICE_GUEST_KERNEL`, else the cache of
+/// `scripts/build-guest-kernel.sh`.
+fn guest_kernel() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_GUEST_KERNEL") {
+        return Some(p.into());
     }
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        return (
-            false,
-            "/dev/kvm is PVM (software nested virtualization): guest user space cannot run there, so a \
-             micro-VM cannot run a function's bootstrap (see microvm-notes.md)"
-                .into(),
-        );
-    }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpuinfo
-        .lines()
-        .any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")));
-    if hw {
-        (false, "hardware virtualization is present, but this build of Sluice has no micro-VM backend yet".into())
-    } else {
-        (
-            false,
-            "the CPU reports no hardware virtualization (vmx/svm)".into(),
-        )
-    }
+    let cache = std::path::Path::new("/var/cache/sluice/guest-kernel");
+    std::fs::read_dir(cache)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("vmlinux"))
+        .find(|p| p.is_file())
 }
 
-/// Picks and builds the sandbox backend, logging why.
+/// Picks and builds the sandbox backend, logging and exporting why.
 pub fn backend(kind: SandboxKind) -> anyhow::Result<Arc<dyn SandboxBackend>> {
-    let (kvm_ok, why) = kvm_status();
-    metrics::gauge!("sluice_kvm_usable").set(if kvm_ok { 1.0 } else { 0.0 });
-    match kind {
-        SandboxKind::Kvm if !kvm_ok => {
-            bail!("--sandbox kvm refused: {why}. Use --sandbox jail (or auto).")
+    let support = kvm::detect();
+    let usable = support.can_run_guest_userspace();
+    metrics::gauge!("sluice_kvm_usable").set(if usable { 1.0 } else { 0.0 });
+    metrics::gauge!("sluice_kvm_pvm").set(if support.pvm { 1.0 } else { 0.0 });
+    if support.pvm {
+        tracing::info!(reason = %support.reason, "/dev/kvm is PVM");
+    }
+    let want_kvm = match kind {
+        SandboxKind::Kvm => true,
+        SandboxKind::Jail => false,
+        SandboxKind::Auto => usable,
+    };
+    if want_kvm {
+        let agent = JailConfig::detect().agent;
+        let init = agent.with_file_name("sluice-vm-init");
+        let kernel = guest_kernel()
+            .unwrap_or_else(|| "/var/cache/sluice/guest-kernel/<hash>/vmlinux".into());
+        let config = KvmConfig {
+            kernel,
+            agent,
+            init,
+            boot_timeout: std::time::Duration::from_secs(30),
+        };
+        match KvmBackend::new(config) {
+            Ok(b) => {
+                tracing::info!("sandbox backend: kvm (Sluice's own micro-VM)");
+                metrics::gauge!("sluice_sandbox_backend_info", "backend" => "kvm", "cgroups" => "none").set(1.0);
+                return Ok(Arc::new(b));
+            }
+            Err(e) if kind == SandboxKind::Kvm => bail!("{e}. Use --sandbox jail (or auto)."),
+            Err(e) => tracing::warn!(error = %e, "micro-VMs unavailable; using the jail"),
         }
-        SandboxKind::Auto if !kvm_ok => {
-            tracing::info!(reason = %why, "micro-VMs unavailable; functions run in jailed processes")
-        }
-        _ => {}
+    } else if kind == SandboxKind::Auto {
+        tracing::info!(reason = %support.reason, "micro-VMs unavailable; functions run in jailed processes");
     }
     let config = JailConfig::detect();
     tracing::info!(cgroups = config.cgroups.name(), agent = %config.agent.display(), "sandbox backend: jail");
