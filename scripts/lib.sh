@@ -25,7 +25,15 @@ ensure_tansu() {
   cargo install "tansu@$TANSU_VERSION" --locked --features dynostore,libsql
 }
 
+ensure_boto3() {
+  if ! python3 -c 'import boto3' >/dev/null 2>&1; then
+    log "installing boto3 (the AWS SDK for Python, for the SDK compatibility test)"
+    python3 -m pip install --quiet boto3
+  fi
+}
+
 ensure_all() {
+  ensure_boto3
   ensure_apt redis-server redis-server
   ensure_apt redis-benchmark redis-tools
   ensure_apt cmake cmake

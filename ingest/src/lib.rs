@@ -13,6 +13,7 @@ mod error;
 mod functions;
 mod invoke;
 mod settings;
+pub mod sigv4;
 
 use axum::extract::DefaultBodyLimit;
 use std::sync::Arc;
@@ -73,6 +74,8 @@ pub struct ApiState {
     pub events: Option<EventProducer>,
     /// The async queue topic.
     pub async_topic: String,
+    /// Access keys; when any are set, requests must carry a valid SigV4 signature.
+    pub credentials: sigv4::Credentials,
 }
 
 /// The Lambda-compatible API routes.
@@ -120,5 +123,9 @@ pub fn router(state: ApiState) -> Router {
                 invoke::MAX_SYNC_PAYLOAD_BYTES + 64 * 1024,
             )),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.credentials.clone(),
+            sigv4::verify,
+        ))
         .with_state(state)
 }

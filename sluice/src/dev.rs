@@ -83,6 +83,7 @@ async fn run_inner(args: &DevArgs, started: &mut Vec<Service>) -> anyhow::Result
         throttle_backoff_min: Duration::from_secs(1),
         throttle_backoff_max: Duration::from_secs(300),
         lease_ttl: Duration::from_secs(10),
+        access_keys: Vec::new(),
     };
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

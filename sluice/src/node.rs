@@ -91,6 +91,16 @@ pub struct NodeArgs {
     /// to the others after this long.
     #[arg(long, env = "SLUICE_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
+    /// An access key the API accepts, `ACCESS_KEY_ID:SECRET` (repeatable). With any set, every
+    /// request must be signed with AWS Signature V4 (as the AWS SDKs and CLI do); unsigned or
+    /// wrongly signed requests get 403. With none, requests are not checked.
+    #[arg(
+        long = "access-key",
+        env = "SLUICE_ACCESS_KEYS",
+        value_delimiter = ',',
+        value_name = "ID:SECRET"
+    )]
+    pub access_keys: Vec<String>,
     /// Longest back-off of a throttled async event.
     #[arg(long, env = "SLUICE_THROTTLE_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
     pub throttle_backoff_max: Duration,
@@ -289,6 +299,8 @@ pub async fn start(
             invoker: invoker.clone(),
             events: Some(events.clone()),
             async_topic: async_cfg.queue_topic.clone(),
+            credentials: sluice_ingest::sigv4::Credentials::parse(&args.access_keys)
+                .map_err(anyhow::Error::msg)?,
         };
         let app = sluice_ingest::router(state)
             .merge(ops_router(metrics, store.clone()))

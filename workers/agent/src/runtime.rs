@@ -151,6 +151,12 @@ where
                 }
                 Ok(Some(Frame::Shutdown)) | Ok(None) => break Ok(()),
                 Ok(Some(other)) => break Err(AgentError::Sequence(format!("unexpected {other:?}"))),
+                // The host closing the channel (it destroyed the sandbox) is a normal end.
+                Err(ProtocolError::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) =>
+                {
+                    break Ok(())
+                }
                 Err(e) => break Err(e.into()),
             },
             status = wait_exit(exited.clone()) => {

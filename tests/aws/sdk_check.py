@@ -1,0 +1,91 @@
+"""Drives a Sluice node with the AWS SDK for Python (boto3), as a Lambda user would.
+
+Usage: sdk_check.py ENDPOINT ACCESS_KEY_ID SECRET FUNCTION
+Prints one line per check and exits non-zero on the first failure.
+"""
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+endpoint, key_id, secret, fn = sys.argv[1:5]
+
+
+def client(secret_key):
+    return boto3.client(
+        "lambda",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret_key,
+        config=Config(retries={"max_attempts": 1}),
+    )
+
+
+lam = client(secret)
+names = [f["FunctionName"] for f in lam.list_functions()["Functions"]]
+assert fn in names, names
+print("list_functions ok")
+
+conf = lam.get_function_configuration(FunctionName=fn)
+assert conf["FunctionName"] == fn and conf["MemorySize"] == 128, conf
+print("get_function_configuration ok")
+
+out = lam.invoke(FunctionName=fn, Payload=json.dumps({"action": "echo", "sdk": "boto3"}).encode())
+assert out["StatusCode"] == 200, out
+assert json.loads(out["Payload"].read())["sdk"] == "boto3"
+assert "FunctionError" not in out, out
+print("invoke RequestResponse ok")
+
+out = lam.invoke(FunctionName=fn, Payload=b'{"action":"error"}')
+assert out["FunctionError"] == "Unhandled", out
+print("invoke function error ok")
+
+out = lam.invoke(FunctionName=fn, InvocationType="Event", Payload=b'{"action":"echo"}')
+assert out["StatusCode"] == 202, out
+print("invoke Event ok")
+
+out = lam.invoke(FunctionName=fn, InvocationType="DryRun", Payload=b"{}")
+assert out["StatusCode"] == 204, out
+print("invoke DryRun ok")
+
+eic = lam.put_function_event_invoke_config(
+    FunctionName=fn,
+    MaximumRetryAttempts=1,
+    DestinationConfig={"OnFailure": {"Destination": "kafka://sdk-failed"}},
+)
+assert eic["MaximumRetryAttempts"] == 1, eic
+assert lam.get_function_event_invoke_config(FunctionName=fn)["DestinationConfig"]["OnFailure"]["Destination"] == "kafka://sdk-failed"
+print("event invoke config ok")
+
+assert lam.put_function_concurrency(FunctionName=fn, ReservedConcurrentExecutions=5)["ReservedConcurrentExecutions"] == 5
+assert lam.get_function_concurrency(FunctionName=fn)["ReservedConcurrentExecutions"] == 5
+lam.delete_function_concurrency(FunctionName=fn)
+print("concurrency ok")
+
+try:
+    lam.invoke(FunctionName="no-such-function", Payload=b"{}")
+    raise AssertionError("expected ResourceNotFoundException")
+except ClientError as e:
+    assert e.response["Error"]["Code"] == "ResourceNotFoundException", e.response
+print("not found ok")
+
+try:
+    client("wrong-secret").list_functions()
+    raise AssertionError("a wrong secret was accepted")
+except ClientError as e:
+    assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 403, e.response
+    assert e.response["Error"]["Code"] == "InvalidSignatureException", e.response
+print("wrong secret refused ok")
+
+try:
+    urllib.request.urlopen(endpoint + "/2015-03-31/functions/")
+    raise AssertionError("an unsigned request was accepted")
+except urllib.error.HTTPError as e:
+    assert e.code == 403, e.code
+print("unsigned refused ok")
+print("ALL OK")
