@@ -215,7 +215,7 @@ impl AsyncPoller {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "50")
+            .set("fetch.wait.max.ms", "20")
             .create()
             .map_err(PollerError::Consumer)?;
         Ok(Arc::new(consumer))

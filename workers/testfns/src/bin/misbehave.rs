@@ -2,6 +2,7 @@
 //! `action` picks how:
 //! - `echo`: return the event; `log`: print a line to stdout and stderr, then return;
 //! - `error`: return a function error; `sleep`: wait `ms` milliseconds, then return the event;
+//! - `stamp`: return the time the handler started (`started_ms`, Unix ms);
 //! - `exit`: exit the process mid-invocation;
 //! - `hang`: never answer;
 //! - `hog`: allocate and touch `mb` MiB (default 1024);
@@ -24,6 +25,12 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
             Ok(p)
         }
         "error" => Err("the function failed on purpose".into()),
+        "stamp" => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            Ok(json!({ "started_ms": now, "sent_ms": p["sent_ms"] }))
+        }
         "sleep" => {
             tokio::time::sleep(Duration::from_millis(p["ms"].as_u64().unwrap_or(100))).await;
             Ok(p)
