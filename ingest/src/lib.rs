@@ -12,6 +12,7 @@
 mod error;
 mod functions;
 mod invoke;
+mod mappings;
 mod settings;
 pub mod sigv4;
 
@@ -122,6 +123,20 @@ pub fn router(state: ApiState) -> Router {
             post(invoke::invoke).layer(DefaultBodyLimit::max(
                 invoke::MAX_SYNC_PAYLOAD_BYTES + 64 * 1024,
             )),
+        )
+        .route(
+            "/2015-03-31/event-source-mappings",
+            get(mappings::list).post(mappings::create),
+        )
+        .route(
+            "/2015-03-31/event-source-mappings/",
+            get(mappings::list).post(mappings::create),
+        )
+        .route(
+            "/2015-03-31/event-source-mappings/{uuid}",
+            get(mappings::get)
+                .put(mappings::update)
+                .delete(mappings::delete),
         )
         .layer(axum::middleware::from_fn_with_state(
             state.credentials.clone(),

@@ -12,4 +12,6 @@
 
 pub mod async_poller;
 mod balance;
+pub mod filter;
 pub mod offsets;
+pub mod stream;

@@ -18,6 +18,7 @@ use sluice_destinations::DestinationWriter;
 use sluice_ingest::{AccountSettings, ApiState};
 use sluice_leasing::ConcurrencyCounter;
 use sluice_pollers::async_poller::{AsyncPoller, AsyncPollerConfig};
+use sluice_pollers::stream::{StreamConfig, StreamTracker};
 use sluice_workers::invoker::{AccountIdentity, LocalInvoker};
 use sluice_workers::{Pool, PoolConfig};
 
@@ -281,6 +282,20 @@ pub async fn start(
                     node_id.clone(),
                 );
                 poller.ensure_topics().await.context("create the async queue topics")?;
+                let streams = StreamTracker::new(
+                    StreamConfig {
+                        node_id: node_id.clone(),
+                        redis_prefix: args.redis_prefix.clone(),
+                        lease_ttl: args.lease_ttl,
+                        function_arn_prefix: account.function_arn(""),
+                    },
+                    kafka.clone(),
+                    store.clone(),
+                    Arc::clone(invoker),
+                    DestinationWriter::new(kafka.clone(), events.producer().clone(), 1),
+                    redis.clone(),
+                );
+                tracker.spawn(streams.run(cancel.child_token()));
                 let cancel = cancel.child_token();
                 tracker.spawn(async move {
                     if let Err(e) = poller.run(cancel).await {

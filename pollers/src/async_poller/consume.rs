@@ -53,6 +53,11 @@ impl Trackers {
         self.by_partition.remove(tp).map(|o| o.lease)
     }
 
+    /// Starts tracking a record (for the stream pollers); `None` when the partition is not owned.
+    pub(crate) fn start_record(&mut self, tp: &Tp, offset: i64) -> Option<u64> {
+        self.start(tp, offset)
+    }
+
     /// Starts tracking a record; `None` when the partition is not (or no longer) owned.
     fn start(&mut self, tp: &Tp, offset: i64) -> Option<u64> {
         let owned = self.by_partition.get_mut(tp)?;
@@ -60,7 +65,7 @@ impl Trackers {
         Some(owned.epoch)
     }
 
-    fn finish(&mut self, tp: &Tp, offset: i64, epoch: u64) {
+    pub(crate) fn finish(&mut self, tp: &Tp, offset: i64, epoch: u64) {
         if let Some(o) = self.by_partition.get_mut(tp) {
             if o.epoch == epoch {
                 o.tracker.finish(offset);
