@@ -163,7 +163,6 @@ impl EventProducer {
     }
 
     /// The underlying producer (for other record kinds on the same connection).
-    #[must_use]
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
     }

@@ -35,14 +35,13 @@ async fn env(extra: &[&str]) -> Env {
     args.extend_from_slice(extra);
     let node = Node::start(&bootstrap(), &redis.url(), &prefix, &args);
     let bundle = Bundle::of("fn-misbehave");
-    let e = Env {
+    Env {
         node,
         http: reqwest::Client::new(),
         prefix,
         _redis: redis,
         _bundle: bundle,
-    };
-    e
+    }
 }
 
 impl Env {
@@ -378,7 +377,7 @@ async fn acknowledged_events_survive_a_sigkill() {
     // Kill it mid-stream: some events done, others running or waiting.
     let done_before = wait_records(&ok, 5, Duration::from_secs(30)).await.len();
     assert!(
-        done_before >= 5 && done_before < 60,
+        (5..60).contains(&done_before),
         "{done_before} done before the kill"
     );
     e.node.kill();

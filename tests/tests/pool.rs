@@ -121,8 +121,7 @@ async fn the_memory_budget_evicts_idle_sandboxes_and_refuses_when_all_are_busy()
     let err = pool
         .invoke(&c, "6", b"{}".to_vec())
         .await
-        .err()
-        .expect("no capacity");
+        .expect_err("no capacity");
     assert!(
         matches!(
             err,

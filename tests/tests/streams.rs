@@ -28,9 +28,12 @@ use sluice_tests::redis::RedisServer;
 use tokio_util::sync::CancellationToken;
 
 /// Records every batch; fails batches holding a poison record; reports `partial` records.
+/// One invocation as the recorder saw it: `(key, offset, value)` per record.
+type Batch = Vec<(String, i64, Value)>;
+
 #[derive(Default, Clone)]
 struct Recorder {
-    batches: Arc<Mutex<Vec<Vec<(String, i64, Value)>>>>,
+    batches: Arc<Mutex<Vec<Batch>>>,
 }
 
 #[async_trait]

@@ -157,6 +157,7 @@ enum Next {
 impl AsyncPoller {
     /// A poller; nothing runs until [`AsyncPoller::run`].
     #[must_use]
+    #[allow(clippy::too_many_arguments)] // each is a distinct shared service the node wires in
     pub fn new(
         cfg: AsyncPollerConfig,
         kafka: KafkaSettings,
