@@ -216,7 +216,7 @@ fn print_table(list: &Value) {
 }
 
 /// Sends a request and returns its JSON body, turning Lambda errors into readable ones.
-async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+pub(crate) async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
     let resp = req
         .send()
         .await

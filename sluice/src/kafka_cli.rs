@@ -258,12 +258,17 @@ pub async fn tail(cmd: DestinationsCommand) -> anyhow::Result<()> {
             }
             match serde_json::from_slice::<InvocationRecord>(payload) {
                 Ok(r) => print_record(&r, m.partition(), m.offset()),
-                Err(_) => println!(
-                    "[{}@{}] (not an invocation record) {}",
-                    m.partition(),
-                    m.offset(),
-                    String::from_utf8_lossy(payload)
-                ),
+                Err(_) => match stream_records(payload) {
+                    Some((head, recs)) => {
+                        print_stream_failure(&head, &recs, m.partition(), m.offset())
+                    }
+                    None => println!(
+                        "[{}@{}] (not an invocation record) {}",
+                        m.partition(),
+                        m.offset(),
+                        String::from_utf8_lossy(payload)
+                    ),
+                },
             }
         }
         eprintln!("{shown} record(s) in {topic}");
@@ -430,7 +435,28 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("re-submit record {partition}@{offset}"))?;
                 redriven += 1;
             }
-            Err(_) => skipped += 1,
+            Err(_) => match stream_records(&payload) {
+                // A stream mapping's failure record: the record goes back to its topic, where
+                // the mapping reads it again.
+                Some((_, recs)) if !recs.is_empty() => {
+                    for r in recs {
+                        let mut record = FutureRecord::to(&r.topic).payload(&r.value);
+                        if let Some(k) = &r.key {
+                            record = record.key(k);
+                        }
+                        events
+                            .producer()
+                            .send(record, Duration::from_secs(30))
+                            .await
+                            .map_err(|(e, _)| e)
+                            .with_context(|| {
+                                format!("re-produce record {partition}@{offset} to {}", r.topic)
+                            })?;
+                    }
+                    redriven += 1;
+                }
+                _ => skipped += 1,
+            },
         }
         // Commit after the event is in the queue: a crash repeats at most this one record.
         let mut tpl = TopicPartitionList::new();
@@ -447,6 +473,73 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     eprintln!("{redriven} re-submitted, {skipped} skipped (not invocation records), from {topic}");
     let _ = Headers::count(&OwnedHeaders::new());
     Ok(())
+}
+
+/// A record of a stream failure (Lambda's Kafka-topic failure record): its topic and bytes.
+struct StreamRecord {
+    topic: String,
+    partition: i64,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+}
+
+/// Reads a stream mapping's failure record: `(the record's JSON, the Kafka records it carries)`.
+fn stream_records(payload: &[u8]) -> Option<(serde_json::Value, Vec<StreamRecord>)> {
+    use base64::Engine;
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    v.get("KafkaBatchInfo")?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut out = Vec::new();
+    for recs in v["payload"]["records"].as_object()?.values() {
+        for r in recs.as_array()? {
+            out.push(StreamRecord {
+                topic: r["topic"].as_str()?.to_owned(),
+                partition: r["partition"].as_i64().unwrap_or(0),
+                offset: r["offset"].as_i64().unwrap_or(0),
+                key: r["key"].as_str().and_then(|k| b64.decode(k).ok()),
+                value: r["value"]
+                    .as_str()
+                    .and_then(|x| b64.decode(x).ok())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    Some((v, out))
+}
+
+fn print_stream_failure(
+    head: &serde_json::Value,
+    recs: &[StreamRecord],
+    partition: i32,
+    offset: i64,
+) {
+    let c = &head["requestContext"];
+    for r in recs {
+        println!(
+            "{}  {}  function={}  attempts={}  record={}-{}@{}  [{partition}@{offset}]",
+            head["timestamp"].as_str().unwrap_or("?"),
+            c["condition"].as_str().unwrap_or("?"),
+            c["functionArn"]
+                .as_str()
+                .unwrap_or("")
+                .trim_end_matches(":$LATEST")
+                .rsplit(':')
+                .next()
+                .unwrap_or("?"),
+            c["approximateInvokeCount"],
+            r.topic,
+            r.partition,
+            r.offset,
+        );
+        if let Some(msg) = head["responsePayload"]["errorMessage"].as_str() {
+            println!("  error: {msg}");
+        }
+        if let Some(k) = &r.key {
+            println!("  key: {}", String::from_utf8_lossy(k));
+        }
+        println!("  value: {}", String::from_utf8_lossy(&r.value));
+    }
 }
 
 fn bar(done: i64, total: i64) -> String {

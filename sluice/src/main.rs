@@ -8,6 +8,7 @@ mod dev;
 mod functions;
 mod invoke_cli;
 mod kafka_cli;
+mod mappings;
 mod node;
 mod services;
 mod worker;
@@ -45,6 +46,9 @@ enum Command {
     /// Create, list, show and delete functions through a node's API.
     #[command(subcommand)]
     Functions(functions::FunctionsCommand),
+    /// Create, list, show, update and delete Kafka event source mappings through a node's API.
+    #[command(subcommand)]
+    Mappings(mappings::MappingsCommand),
     /// Invoke a function (synchronously, as an event, or a dry run) through a node's API.
     Invoke(invoke_cli::InvokeArgs),
     /// Write records to any Kafka topic, one per input line (kcat-style flags).
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
             Command::Dev(args) => dev::run(args).await,
             Command::Functions(cmd) => functions::run(cmd).await,
             Command::Invoke(args) => invoke_cli::run(args).await,
+            Command::Mappings(cmd) => mappings::run(cmd).await,
             Command::Produce(args) => kafka_cli::produce(args).await,
             Command::Destinations(cmd) => kafka_cli::tail(cmd).await,
             Command::Redrive(args) => kafka_cli::redrive(args).await,
