@@ -13,7 +13,9 @@ export SLUICE_TEST_KAFKA="$SLUICE_KAFKA" SLUICE_TEST_REDIS="$SLUICE_REDIS"
 log "building (or reusing) the micro-VM guest kernel"
 SLUICE_GUEST_KERNEL="$(scripts/build-guest-kernel.sh)"
 export SLUICE_GUEST_KERNEL SLUICE_VMM_LINUX_BOOT=1
-log "building and running the test suite"
+log "building every binary (the tests run the node, the agent and the test functions as processes)"
+cargo build --workspace --bins --locked
+log "running the test suite"
 cargo test --workspace --locked "$@"
 log "checking that the benchmarks compile"
 cargo check --workspace --locked --benches

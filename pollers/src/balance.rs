@@ -34,6 +34,8 @@ pub(crate) struct Balancer {
     pub(crate) topics: Vec<String>,
     pub(crate) holder: String,
     pub(crate) ttl: Duration,
+    /// The last partition list and when it was read.
+    pub(crate) units_cache: Arc<Mutex<Option<(std::time::Instant, Vec<Tp>)>>>,
 }
 
 fn now_ms() -> u64 {
@@ -66,6 +68,27 @@ impl Balancer {
 
     /// The partitions of the topics (empty for topics that do not exist yet).
     async fn units(&self) -> Vec<Tp> {
+        // Partitions rarely change: refresh the list every 30 s.
+        if let Some((at, units)) = self
+            .units_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            if at.elapsed() < Duration::from_secs(30) && !units.is_empty() {
+                return units.clone();
+            }
+        }
+        let fresh = self.fetch_units().await;
+        *self
+            .units_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), fresh.clone()));
+        fresh
+    }
+
+    async fn fetch_units(&self) -> Vec<Tp> {
         let consumer = Arc::clone(&self.consumer);
         let topics = self.topics.clone();
         tokio::task::spawn_blocking(move || {

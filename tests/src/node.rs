@@ -41,9 +41,10 @@ impl Node {
             format!("{prefix}."),
             "--redis-prefix".into(),
             format!("{prefix}:"),
-            "--node-id".into(),
-            format!("{prefix}-node"),
         ];
+        if !extra.contains(&"--node-id") {
+            args.extend(["--node-id".to_owned(), format!("{prefix}-node")]);
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let mut node = Self {
             child: spawn(&args),

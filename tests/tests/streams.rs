@@ -171,6 +171,13 @@ impl InProcess {
             if distinct.len() >= want || tokio::time::Instant::now() > deadline {
                 return seen;
             }
+            if std::env::var_os("SLUICE_TEST_PROGRESS").is_some() {
+                eprintln!(
+                    "{} distinct offsets, {} batches",
+                    distinct.len(),
+                    seen.len()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -182,29 +189,29 @@ impl Drop for InProcess {
     }
 }
 
+/// Produces `records` to partition 0 in the order given (the idempotent producer keeps the
+/// order of records in flight to one partition).
 async fn produce(topic: &str, records: &[(String, Value)]) {
     let producer: FutureProducer = KafkaSettings::new(bootstrap())
         .durable_producer_config()
         .create()
         .expect("producer");
-    let sends = records.iter().map(|(k, v)| {
-        let producer = producer.clone();
-        let v = v.to_string();
-        let k = k.clone();
-        let topic = topic.to_owned();
-        async move {
+    let sends: Vec<_> = records
+        .iter()
+        .map(|(k, v)| {
+            let value = v.to_string();
+            let record = FutureRecord::to(topic)
+                .key(k.as_str())
+                .payload(&value)
+                .partition(0);
             producer
-                .send(
-                    FutureRecord::to(&topic).key(&k).payload(&v).partition(0),
-                    Duration::from_secs(30),
-                )
-                .await
-                .expect("produce");
-        }
-    });
-    // In order: one after another keeps offsets in the order given.
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .expect("queue a record")
+        })
+        .collect();
     for s in sends {
-        s.await;
+        s.await.expect("delivery").expect("produce");
     }
 }
 
@@ -213,14 +220,14 @@ async fn parallelization_keeps_per_key_order() {
     let p = in_process().await;
     let topic = unique_name("orders");
     create_topic(&topic, 1).await.expect("topic");
-    let recs: Vec<(String, Value)> = (0..2000)
+    let recs: Vec<(String, Value)> = (0..10_000)
         .map(|i| (format!("key-{}", i % 50), json!({ "i": i })))
         .collect();
     produce(&topic, &recs).await;
     p.map(json!({ "FunctionName": "f", "Topics": [topic], "StartingPosition": "TRIM_HORIZON", "BatchSize": 50,
                   "MaximumBatchingWindowInSeconds": 0, "ParallelizationFactor": 4 }))
         .await;
-    let seen = p.wait_offsets(2000, Duration::from_secs(90)).await;
+    let seen = p.wait_offsets(10_000, Duration::from_secs(120)).await;
     let mut last: HashMap<String, i64> = HashMap::new();
     let mut count = 0;
     for batch in &seen {
@@ -231,7 +238,7 @@ async fn parallelization_keeps_per_key_order() {
             count += 1;
         }
     }
-    assert_eq!(count, 2000, "every record exactly once");
+    assert_eq!(count, 10_000, "every record exactly once");
     assert!(seen.iter().all(|b| b.len() <= 50));
 }
 
@@ -496,4 +503,112 @@ async fn a_node_runs_a_mapping_end_to_end() {
         .await
         .expect("delete");
     assert_eq!(r.status(), 202);
+}
+
+/// Three nodes share a mapping's partitions; one is SIGKILLed mid-stream. Its leases expire, the
+/// others take its partitions over from the last commits, and every record is processed: the
+/// mapping's consumer group ends at the end of every partition.
+#[tokio::test]
+async fn partitions_move_when_a_node_dies() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let redis = RedisServer::start();
+    let prefix = unique_name("fleet").replace('-', "");
+    let flags = ["--lease-ttl", "2s"];
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            Node::start(
+                &bootstrap(),
+                &redis.url(),
+                &format!("{prefix}"),
+                &[&flags[..], &["--node-id", &format!("n{i}")]].concat(),
+            )
+        })
+        .collect();
+    let bundle = Bundle::of("fn-stream");
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/2015-03-31/functions", nodes[0].endpoint))
+        .json(&json!({ "FunctionName": "consumer", "Code": { "Path": bundle.path() } }))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 201);
+    let topic = unique_name("fleet-events");
+    create_topic(&topic, 6).await.expect("topic");
+    let producer: FutureProducer = KafkaSettings::new(bootstrap())
+        .durable_producer_config()
+        .create()
+        .expect("producer");
+    for p in 0..6 {
+        for i in 0..60 {
+            let value = json!({ "i": i, "sleep_ms": 60 }).to_string();
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(&format!("k{i}"))
+                        .payload(&value)
+                        .partition(p),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("produce");
+        }
+    }
+    let r = http
+        .post(format!("{}/2015-03-31/event-source-mappings/", nodes[1].endpoint))
+        .json(&json!({ "FunctionName": "consumer", "Topics": [topic], "StartingPosition": "TRIM_HORIZON", "BatchSize": 5,
+                       "MaximumBatchingWindowInSeconds": 0 }))
+        .send()
+        .await
+        .expect("mapping");
+    assert_eq!(r.status(), 202);
+    let uuid = r.json::<Value>().await.expect("json")["UUID"]
+        .as_str()
+        .expect("uuid")
+        .to_owned();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    nodes[2].kill();
+    let started = std::time::Instant::now();
+    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", &uuid)
+        .create()
+        .expect("consumer");
+    let done = loop {
+        let topic2 = topic.clone();
+        let c = &consumer;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..6 {
+            tpl.add_partition(&topic2, p);
+        }
+        let committed = c
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .expect("committed");
+        let at_end = committed
+            .elements()
+            .iter()
+            .filter(|e| matches!(e.offset(), rdkafka::Offset::Offset(60)))
+            .count();
+        if at_end == 6 {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            eprintln!(
+                "committed: {:?}",
+                committed
+                    .elements()
+                    .iter()
+                    .map(|e| e.offset())
+                    .collect::<Vec<_>>()
+            );
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(done, "every partition finished after a node died");
+    eprintln!(
+        "all partitions done {:?} after the SIGKILL",
+        started.elapsed()
+    );
+    drop(nodes);
 }

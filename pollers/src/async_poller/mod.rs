@@ -246,6 +246,7 @@ impl AsyncPoller {
             topics,
             holder: self.node_id.clone(),
             ttl: self.cfg.lease_ttl,
+            units_cache: Arc::default(),
         })
     }
 

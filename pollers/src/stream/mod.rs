@@ -369,6 +369,7 @@ impl MappingPoller {
             topics: vec![topic.clone()],
             holder: t.cfg.node_id.clone(),
             ttl: t.cfg.lease_ttl,
+            units_cache: Arc::default(),
         };
         let ctx = Arc::new(MappingCtx {
             uuid: uuid.clone(),

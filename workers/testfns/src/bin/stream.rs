@@ -24,6 +24,9 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
                 .as_str()
                 .and_then(|k| B64.decode(k).ok())
                 .map(|k| String::from_utf8_lossy(&k).into_owned());
+            if let Some(ms) = value["sleep_ms"].as_u64() {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             if value["poison"] == json!(true) {
                 return Err(format!("poison record at offset {}", r["offset"]).into());
             }
