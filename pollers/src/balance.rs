@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::async_poller::consume::{Tp, Trackers};
 
+/// The last partition list, and when it was read.
+pub(crate) type UnitsCache = (std::time::Instant, Vec<Tp>);
+
 /// Settings of a balancer.
 #[derive(Clone)]
 pub(crate) struct Balancer {
@@ -35,7 +38,7 @@ pub(crate) struct Balancer {
     pub(crate) holder: String,
     pub(crate) ttl: Duration,
     /// The last partition list and when it was read.
-    pub(crate) units_cache: Arc<Mutex<Option<(std::time::Instant, Vec<Tp>)>>>,
+    pub(crate) units_cache: Arc<Mutex<Option<UnitsCache>>>,
 }
 
 fn now_ms() -> u64 {

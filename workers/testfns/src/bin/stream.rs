@@ -24,6 +24,13 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
                 .as_str()
                 .and_then(|k| B64.decode(k).ok())
                 .map(|k| String::from_utf8_lossy(&k).into_owned());
+            // Benchmarks: how long after it was produced (`ts`, Unix ms) the record reached us.
+            if let Some(ts) = value["ts"].as_u64() {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                println!("lat {}", now.saturating_sub(ts));
+            }
             if let Some(ms) = value["sleep_ms"].as_u64() {
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
