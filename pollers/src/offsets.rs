@@ -10,6 +10,8 @@ pub struct OffsetTracker {
     next: Option<i64>,
     /// The last offset handed out for commit.
     committed: Option<i64>,
+    /// The highest offset finished so far.
+    max_finished: Option<i64>,
 }
 
 impl OffsetTracker {
@@ -21,7 +23,16 @@ impl OffsetTracker {
 
     /// Notes that the record at `offset` is done (processed, or durably handed on).
     pub fn finish(&mut self, offset: i64) {
-        self.in_flight.remove(&offset);
+        if self.in_flight.remove(&offset) {
+            self.max_finished = Some(self.max_finished.map_or(offset, |m| m.max(offset)));
+        }
+    }
+
+    /// The highest offset finished so far (records at or below it that come again after a
+    /// failover are duplicates).
+    #[must_use]
+    pub fn max_finished(&self) -> Option<i64> {
+        self.max_finished
     }
 
     /// The offset to commit (Kafka's "next record to read"): the lowest unfinished record, or one
@@ -62,6 +73,18 @@ mod tests {
         t.finish(13);
         assert_eq!(t.commit_point(), Some(15));
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_highest_finished_offset_is_remembered() {
+        let mut t = OffsetTracker::default();
+        t.start(5);
+        t.start(6);
+        assert_eq!(t.max_finished(), None);
+        t.finish(6);
+        t.finish(5);
+        t.finish(99); // never started: ignored
+        assert_eq!(t.max_finished(), Some(6));
     }
 
     #[test]

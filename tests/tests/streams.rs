@@ -606,8 +606,12 @@ async fn partitions_move_when_a_node_dies() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(done, "every partition finished after a node died");
+    let mut duplicates = 0.0;
+    for n in &nodes[..2] {
+        duplicates += n.metric("sluice_stream_duplicates_total", "").await;
+    }
     eprintln!(
-        "all partitions done {:?} after the SIGKILL",
+        "all partitions done {:?} after the SIGKILL; {duplicates} records redelivered (counted as duplicates)",
         started.elapsed()
     );
     drop(nodes);

@@ -73,6 +73,14 @@ impl Trackers {
         }
     }
 
+    /// The highest finished offset of every owned partition.
+    pub(crate) fn max_finished(&self) -> Vec<(Tp, i64)> {
+        self.by_partition
+            .iter()
+            .filter_map(|(tp, o)| Some((tp.clone(), o.tracker.max_finished()?)))
+            .collect()
+    }
+
     /// Offsets to commit; only partitions whose lease is still valid (a holder that lost its
     /// lease must not move the group's offsets).
     pub(crate) fn commit_list(&mut self, only: Option<&Tp>) -> TopicPartitionList {

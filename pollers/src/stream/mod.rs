@@ -382,12 +382,18 @@ impl MappingPoller {
             trackers: Arc::clone(&trackers),
         });
         let balance_task = tokio::spawn(balancer.clone().run(cancel.clone()));
+        let seen_prefix = format!("{}esm-seen:{uuid}:", t.cfg.redis_prefix);
         let commit_task = tokio::spawn(commit_loop(
             Arc::clone(&consumer),
             Arc::clone(&trackers),
             uuid.clone(),
             cancel.clone(),
+            (t.redis.clone(), seen_prefix.clone()),
         ));
+        // Per owned partition (and ownership epoch): the highest offset any node finished before
+        // this node took it, so that redelivered records are counted as duplicates.
+        let mut seen_marks: HashMap<(Tp, u64), i64> = HashMap::new();
+        let mut redis = t.redis.clone();
         let mut partitions: HashMap<Tp, mpsc::Sender<Rec>> = HashMap::new();
         let lanes = tokio_util::task::TaskTracker::new();
         loop {
@@ -412,6 +418,25 @@ impl MappingPoller {
             else {
                 continue;
             };
+            let mark = match seen_marks.get(&(tp.clone(), epoch)) {
+                Some(m) => *m,
+                None => {
+                    let key = format!("{seen_prefix}{}/{}", tp.0, tp.1);
+                    let m: i64 = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async::<Option<i64>>(&mut redis)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or(-1);
+                    seen_marks.insert((tp.clone(), epoch), m);
+                    m
+                }
+            };
+            if m.offset() <= mark {
+                metrics::counter!("sluice_stream_duplicates_total", "mapping" => uuid.clone())
+                    .increment(1);
+            }
             let rec = Rec {
                 topic: tp.0.clone(),
                 partition: tp.1,
@@ -459,8 +484,10 @@ async fn commit_loop(
     trackers: Arc<Mutex<Trackers>>,
     uuid: String,
     cancel: CancellationToken,
+    (mut redis, seen_prefix): (ConnectionManager, String),
 ) {
     let mut ticks = 0u64;
+    let mut published: HashMap<Tp, i64> = HashMap::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -473,6 +500,26 @@ async fn commit_loop(
         if tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
                 tracing::warn!(mapping = %uuid, error = %e, "offset commit failed; will retry");
+            }
+        }
+        // Publish how far this node got, for duplicate counting after a failover.
+        let marks = trackers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .max_finished();
+        for (tp, offset) in marks {
+            if published.get(&tp) != Some(&offset) {
+                let key = format!("{seen_prefix}{}/{}", tp.0, tp.1);
+                let r: redis::RedisResult<()> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(offset)
+                    .arg("EX")
+                    .arg(7 * 86_400)
+                    .query_async(&mut redis)
+                    .await;
+                if r.is_ok() {
+                    published.insert(tp, offset);
+                }
             }
         }
         ticks += 1;
