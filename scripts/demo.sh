@@ -2,12 +2,13 @@
 # Sluice's main job, end to end on this machine: set up what is missing, build Sluice, run
 # `sluice dev` (which starts tansu and Redis), create a function (a shell custom runtime, run
 # unmodified in a jailed sandbox), invoke it synchronously and with events, show the success and
-# failure records, redrive the failures, then stop everything.
+# failure records, redrive the failures; then map a Kafka topic to a function and watch a poison
+# record land in the failure topic; then stop everything.
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 ensure_all
 log "building sluice"
-cargo build --locked -p sluice -p sluice-agent
+cargo build --locked -p sluice -p sluice-agent -p sluice-testfns
 SLUICE="$ROOT/target/debug/sluice"
 WORK="$(mktemp -d /tmp/sluice-demo.XXXXXX)"
 KPORT="$(free_port)"; RPORT="$(free_port)"; APORT="$(free_port)"
@@ -20,7 +21,7 @@ cleanup() { kill -INT "$DEV" 2>/dev/null || true; wait "$DEV" 2>/dev/null || tru
 trap cleanup EXIT
 wait_port "$APORT" "sluice dev" "$DEV" "$WORK/sluice.log"
 
-run() { printf '\033[36m$ sluice %s\033[0m\n' "$*"; "$SLUICE" "$@"; }
+run() { printf '\033[36m$ sluice %s\033[0m\n' "$*" >&2; "$SLUICE" "$@"; }
 run functions create --name echo --code examples/echo --memory 256 --env GREETING=hello >/dev/null
 run functions list
 run functions put-event-invoke-config echo --max-retries 1 \
@@ -42,6 +43,34 @@ run destinations tail kafka://echo-succeeded
 run destinations tail kafka://echo-failed
 log "redrive the failed events (they fail again here, and come back as new failure records)"
 run redrive kafka://echo-failed
+
+log "a stream mapping: a Kafka topic (3 partitions) consumed by a lambda_runtime function"
+BUNDLE="$WORK/consumer"; mkdir -p "$BUNDLE"; cp target/debug/fn-stream "$BUNDLE/bootstrap"; chmod 755 "$WORK" "$BUNDLE"
+run functions create --name consumer --code "$BUNDLE" >/dev/null
+run topics create orders --partitions 3
+cat >"$WORK/mapping.yaml" <<YAML
+FunctionName: consumer
+Topics: [orders]
+StartingPosition: TRIM_HORIZON
+BatchSize: 10
+MaximumBatchingWindowInSeconds: 1
+BisectBatchOnFunctionError: true
+MaximumRetryAttempts: 1
+DestinationConfig:
+  OnFailure:
+    Destination: kafka://orders-failed
+YAML
+run mappings create "$WORK/mapping.yaml" | grep -E '"(UUID|State)"'
+for i in $(seq 1 20); do echo "order-$i:{\"order\":$i}"; done >"$WORK/orders.txt"
+echo 'order-13:{"order":13,"poison":true}' >>"$WORK/orders.txt"
+run produce -t orders -K : "$WORK/orders.txt"
+for _ in $(seq 1 60); do
+  [ "$("$SLUICE" destinations tail kafka://orders-failed --json 2>/dev/null | wc -l || true)" -ge 1 ] && break
+  sleep 0.5
+done
+log "the poison record was isolated (bisection) and landed in the failure topic; the others ran"
+run destinations tail kafka://orders-failed
+run mappings list --function consumer | grep -E '"(State|BatchSize|LastProcessingResult)"' 
 log "metrics (excerpt)"
 curl -sS "$SLUICE_ENDPOINT/metrics" | grep -E '^sluice_(invocations_total|errors_total|async_events_received_total|async_events_dropped_total|config_functions)' || true
 log "stopping sluice dev (Ctrl-C): it stops the broker and Redis it started"

@@ -169,6 +169,56 @@ fn tally(r: Option<Result<(), rdkafka::error::KafkaError>>, ok: &mut usize, fail
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create a topic (nothing happens if it exists).
+    Create {
+        /// Topic name.
+        name: String,
+        /// Partitions (the shards of a stream mapping).
+        #[arg(short = 'p', long, default_value_t = 1)]
+        partitions: i32,
+        /// Kafka bootstrap servers.
+        #[arg(
+            short = 'b',
+            long = "brokers",
+            env = "SLUICE_KAFKA",
+            default_value = "127.0.0.1:9092"
+        )]
+        brokers: String,
+    },
+}
+
+pub async fn topics(cmd: TopicsCommand) -> anyhow::Result<()> {
+    let TopicsCommand::Create {
+        name,
+        partitions,
+        brokers,
+    } = cmd;
+    let mut v = sluice_core::model::Violations::default();
+    if partitions < 1 {
+        bail!("--partitions must be at least 1, got {partitions}");
+    }
+    if name.parse::<sluice_core::model::KafkaTopicUri>().is_err()
+        && format!("kafka://{name}")
+            .parse::<sluice_core::model::KafkaTopicUri>()
+            .is_err()
+    {
+        v.push("name", format!("must be a Kafka topic name, got {name:?}"));
+        bail!("{v}");
+    }
+    let spec = sluice_core::kafka::TopicSpec {
+        name: name.clone(),
+        partitions,
+        config: Vec::new(),
+    };
+    sluice_core::kafka::ensure_topic(&KafkaSettings::new(&brokers), &spec)
+        .await
+        .with_context(|| format!("create topic {name}"))?;
+    eprintln!("topic {name} ready ({partitions} partition(s))");
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DestinationsCommand {
     /// Print the records of a destination topic readably: condition, attempts, error, payload.
     Tail(TailArgs),

@@ -51,6 +51,9 @@ enum Command {
     Mappings(mappings::MappingsCommand),
     /// Invoke a function (synchronously, as an event, or a dry run) through a node's API.
     Invoke(invoke_cli::InvokeArgs),
+    /// Kafka topics (create).
+    #[command(subcommand)]
+    Topics(kafka_cli::TopicsCommand),
     /// Write records to any Kafka topic, one per input line (kcat-style flags).
     Produce(kafka_cli::ProduceArgs),
     /// Inspect failure and success destinations.
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
             Command::Invoke(args) => invoke_cli::run(args).await,
             Command::Mappings(cmd) => mappings::run(cmd).await,
             Command::Produce(args) => kafka_cli::produce(args).await,
+            Command::Topics(cmd) => kafka_cli::topics(cmd).await,
             Command::Destinations(cmd) => kafka_cli::tail(cmd).await,
             Command::Redrive(args) => kafka_cli::redrive(args).await,
         }

@@ -403,6 +403,58 @@ async fn filters_skip_records_and_disable_pauses() {
     assert_eq!(all.last(), Some(&20));
 }
 
+#[tokio::test]
+async fn an_update_of_batch_size_applies_live() {
+    let p = in_process().await;
+    let topic = unique_name("resize");
+    create_topic(&topic, 1).await.expect("topic");
+    let first: Vec<(String, Value)> = (0..40)
+        .map(|i| (format!("k{i}"), json!({ "i": i })))
+        .collect();
+    produce(&topic, &first).await;
+    let uuid = p
+        .map(json!({ "FunctionName": "f", "Topics": [topic], "StartingPosition": "TRIM_HORIZON", "BatchSize": 20,
+                     "MaximumBatchingWindowInSeconds": 1 }))
+        .await;
+    let seen = p.wait_offsets(40, Duration::from_secs(30)).await;
+    assert!(
+        seen.iter().any(|b| b.len() > 3),
+        "batches of up to 20 before the update: {:?}",
+        seen.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    let m = p
+        .store
+        .event_source_mappings()
+        .into_iter()
+        .find(|m| m.object.uuid == uuid)
+        .expect("mapping");
+    let mut resized = m.object.clone();
+    resized.config.batch_size = 3;
+    p.store
+        .write(
+            &ObjectKey::event_source_mapping(&uuid),
+            Some(ConfigObject::EventSourceMapping(Box::new(resized))),
+            Expected::Revision(m.revision),
+        )
+        .await
+        .expect("update");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = p.seen().len();
+    let second: Vec<(String, Value)> = (40..70)
+        .map(|i| (format!("k{i}"), json!({ "i": i })))
+        .collect();
+    produce(&topic, &second).await;
+    let seen = p.wait_offsets(70, Duration::from_secs(30)).await;
+    let after: Vec<usize> = seen[before..].iter().map(Vec::len).collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|n| *n <= 3),
+        "batches after the update: {after:?}"
+    );
+    let distinct: std::collections::HashSet<i64> =
+        seen.iter().flatten().map(|(_, o, _)| *o).collect();
+    assert_eq!(distinct.len(), 70, "nothing skipped across the restart");
+}
+
 /// End to end: a real node, the API, a jailed `lambda_runtime` function; a poison record lands in
 /// the failure topic while its neighbours are processed and committed.
 #[tokio::test]
@@ -519,7 +571,7 @@ async fn partitions_move_when_a_node_dies() {
             Node::start(
                 &bootstrap(),
                 &redis.url(),
-                &format!("{prefix}"),
+                &prefix,
                 &[&flags[..], &["--node-id", &format!("n{i}")]].concat(),
             )
         })
