@@ -13,6 +13,7 @@
 //! take snapshots from a `watch` channel and never block the tail.
 #![forbid(unsafe_code)]
 
+pub mod code;
 pub mod events;
 pub mod invoke;
 pub mod kafka;

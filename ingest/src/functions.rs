@@ -50,6 +50,14 @@ pub(crate) fn configuration(state: &ApiState, f: &Versioned<FunctionConfig>) -> 
     if let Some(env) = &c.environment {
         v["Environment"] = json!({ "Variables": env.variables });
     }
+    if let Some(stored) = &c.code.stored {
+        use base64::Engine;
+        let raw: Vec<u8> = (0..stored.sha256.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&stored.sha256[2 * i..2 * i + 2], 16).ok())
+            .collect();
+        v["CodeSha256"] = json!(base64::engine::general_purpose::STANDARD.encode(raw));
+        v["CodeSize"] = json!(stored.size);
+    }
     v
 }
 
@@ -60,11 +68,14 @@ pub(crate) async fn create_function(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::invalid("request body must be UTF-8 JSON"))?;
     let config: FunctionConfig = parse(text, Format::Json).map_err(model_error)?;
-    if config.code.zip_file.is_some() {
+    let mut config = config;
+    if config.code.stored.is_some() {
         return Err(ApiError::invalid(
-            "Code.ZipFile is not accepted by this version of Sluice yet; give Code.Path, a \
-             directory or .zip on the nodes' file system that holds an executable bootstrap",
+            "Code.SluiceStoredCode is set by Sluice; give ZipFile or Path",
         ));
+    }
+    if let Some(zip) = config.code.zip_file.take() {
+        config.code.stored = Some(Box::new(store_zip(&state, &zip).await?));
     }
     if let Some(path) = &config.code.path {
         check_code_path(path)?;
@@ -96,6 +107,30 @@ pub(crate) async fn create_function(
             object: config,
         });
     Ok((StatusCode::CREATED, Json(configuration(&state, &stored))))
+}
+
+/// Decodes, checks and stores an inline zip (`Code.ZipFile`) in the code topic.
+pub(crate) async fn store_zip(
+    state: &ApiState,
+    b64: &str,
+) -> Result<sluice_core::model::StoredCode, ApiError> {
+    use base64::Engine;
+    let zip = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| ApiError::invalid(format!("Code.ZipFile is not valid base64: {e}")))?;
+    sluice_core::code::check_zip(&zip).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        kind: "InvalidZipFileException",
+        message: e.to_string(),
+    })?;
+    let (Some(kafka), Some(events)) = (&state.kafka, &state.events) else {
+        return Err(ApiError::service(
+            "this node cannot store code (no Kafka producer)",
+        ));
+    };
+    sluice_core::code::store(kafka, events.producer(), &state.code_topic, &zip)
+        .await
+        .map_err(|e| ApiError::service(format!("could not store the code: {e}")))
 }
 
 pub(crate) fn check_code_path(path: &str) -> Result<(), ApiError> {

@@ -75,6 +75,10 @@ pub struct ApiState {
     pub events: Option<EventProducer>,
     /// The async queue topic.
     pub async_topic: String,
+    /// Kafka (for code given as `Code.ZipFile`, kept in the code topic).
+    pub kafka: Option<sluice_core::kafka::KafkaSettings>,
+    /// The code topic.
+    pub code_topic: String,
     /// Access keys; when any are set, requests must carry a valid SigV4 signature.
     pub credentials: sigv4::Credentials,
 }

@@ -98,18 +98,27 @@ pub(crate) async fn update_code(
         serde_json::from_str(body_text(&body)?).map_err(|e| ApiError::invalid(e.to_string()))?;
     let current = function(&state, &name)?;
     let expect = expected(req.revision_id.as_deref(), current.revision)?;
-    if req.zip_file.is_some() {
-        return Err(ApiError::invalid(
-            "ZipFile is not accepted yet; give Path, an unpacked bundle directory",
-        ));
-    }
-    let Some(path) = req.path else {
-        return Err(ApiError::invalid("Path is required"));
-    };
-    check_code_path(&path)?;
     let _ = req.publish;
     let mut f = current.object;
-    f.code.path = Some(path);
+    match (req.path, req.zip_file) {
+        (Some(path), None) => {
+            check_code_path(&path)?;
+            f.code = sluice_core::model::FunctionCode {
+                path: Some(path),
+                zip_file: None,
+                stored: None,
+            };
+        }
+        (None, Some(zip)) => {
+            let stored = crate::functions::store_zip(&state, &zip).await?;
+            f.code = sluice_core::model::FunctionCode {
+                path: None,
+                zip_file: None,
+                stored: Some(Box::new(stored)),
+            };
+        }
+        _ => return Err(ApiError::invalid("give exactly one of ZipFile or Path")),
+    }
     if req.dry_run {
         f.validate().map_err(|v| ApiError::invalid(v.to_string()))?;
         return Ok(Json(configuration(

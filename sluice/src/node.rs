@@ -257,12 +257,12 @@ pub async fn start(
             account_id: account.account_id.clone(),
             concurrency_limit: account.concurrency_limit,
         };
-        Some(Arc::new(LocalInvoker::new(
-            store.clone(),
-            counter,
-            pool,
-            identity,
-        )))
+        Some(Arc::new(
+            LocalInvoker::new(store.clone(), counter, pool, identity).with_code_store(
+                kafka.clone(),
+                std::path::PathBuf::from("/var/cache/sluice/code"),
+            ),
+        ))
     } else {
         None
     };
@@ -314,6 +314,8 @@ pub async fn start(
             invoker: invoker.clone(),
             events: Some(events.clone()),
             async_topic: async_cfg.queue_topic.clone(),
+            kafka: Some(kafka.clone()),
+            code_topic: format!("{}code", args.topic_prefix),
             credentials: sluice_ingest::sigv4::Credentials::parse(&args.access_keys)
                 .map_err(anyhow::Error::msg)?,
         };

@@ -1,10 +1,14 @@
 """Drives a Sluice node with the AWS SDK for Python (boto3), as a Lambda user would.
 
-Usage: sdk_check.py ENDPOINT ACCESS_KEY_ID SECRET FUNCTION
+Usage: sdk_check.py ENDPOINT ACCESS_KEY_ID SECRET FUNCTION BOOTSTRAP_BINARY
 Prints one line per check and exits non-zero on the first failure.
 """
+import base64
+import hashlib
+import io
 import json
 import sys
+import zipfile
 import urllib.error
 import urllib.request
 
@@ -12,7 +16,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-endpoint, key_id, secret, fn = sys.argv[1:5]
+endpoint, key_id, secret, fn, bootstrap = sys.argv[1:6]
 
 
 def client(secret_key):
@@ -73,6 +77,36 @@ try:
 except ClientError as e:
     assert e.response["Error"]["Code"] == "ResourceNotFoundException", e.response
 print("not found ok")
+
+# CreateFunction with the code as a zip, as the SDK sends it.
+buf = io.BytesIO()
+with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+    info = zipfile.ZipInfo("bootstrap")
+    info.external_attr = 0o755 << 16
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with open(bootstrap, "rb") as f:
+        z.writestr(info, f.read())
+data = buf.getvalue()
+created = lam.create_function(
+    FunctionName="zipfn",
+    Runtime="provided.al2023",
+    Role="arn:aws:iam::000000000000:role/sluice",
+    Handler="bootstrap",
+    Code={"ZipFile": data},
+    MemorySize=128,
+)
+assert created["CodeSha256"] == base64.b64encode(hashlib.sha256(data).digest()).decode(), created
+assert created["CodeSize"] == len(data), created
+out = lam.invoke(FunctionName="zipfn", Payload=b'{"action":"echo","zip":true}')
+assert out["StatusCode"] == 200 and "FunctionError" not in out, out
+assert json.loads(out["Payload"].read())["zip"] is True
+try:
+    lam.create_function(FunctionName="badzip", Runtime="provided.al2023", Role="arn:aws:iam::0:role/x",
+                        Handler="bootstrap", Code={"ZipFile": b"not a zip"})
+    raise AssertionError("a bad zip was accepted")
+except ClientError as e:
+    assert e.response["Error"]["Code"] == "InvalidZipFileException", e.response
+print("create_function with ZipFile ok")
 
 try:
     client("wrong-secret").list_functions()

@@ -39,6 +39,10 @@ async fn boto3_works_against_a_node_and_signatures_are_enforced() {
             "AKIDSLUICETEST",
             "s3cr3t/key+with=chars",
             "sdkfn",
+            &sluice_tests::functions::bin_dir()
+                .join("fn-misbehave")
+                .display()
+                .to_string(),
         ])
         .output()
         .expect("python3 (scripts/test.sh installs boto3)");

@@ -31,6 +31,8 @@ pub struct LocalInvoker {
     counter: ConcurrencyCounter,
     pool: Pool,
     account: Arc<AccountIdentity>,
+    /// Kafka and the local cache directory, for code kept in the code topic.
+    code: Option<(sluice_core::kafka::KafkaSettings, std::path::PathBuf)>,
 }
 
 impl LocalInvoker {
@@ -47,7 +49,19 @@ impl LocalInvoker {
             counter,
             pool,
             account: Arc::new(account),
+            code: None,
         }
+    }
+
+    /// Lets the invoker fetch code kept in Kafka (`Code.ZipFile`) into `cache`.
+    #[must_use]
+    pub fn with_code_store(
+        mut self,
+        kafka: sluice_core::kafka::KafkaSettings,
+        cache: std::path::PathBuf,
+    ) -> Self {
+        self.code = Some((kafka, cache));
+        self
     }
 
     /// The pool it runs on.
@@ -56,18 +70,31 @@ impl LocalInvoker {
         &self.pool
     }
 
-    fn spec(&self, f: &Versioned<FunctionConfig>) -> Result<FunctionSpec, InvokeError> {
+    async fn spec(&self, f: &Versioned<FunctionConfig>) -> Result<FunctionSpec, InvokeError> {
         let c = &f.object;
-        let Some(path) = &c.code.path else {
-            return Err(InvokeError::Config(format!(
-                "function {} has no Code.Path on this node",
-                c.function_name
-            )));
+        let task_dir: std::path::PathBuf = match (&c.code.path, &c.code.stored, &self.code) {
+            (Some(path), _, _) => path.into(),
+            (None, Some(stored), Some((kafka, cache))) => {
+                let (kafka, cache, stored) = (kafka.clone(), cache.clone(), stored.clone());
+                tokio::task::spawn_blocking(move || {
+                    sluice_core::code::fetch_and_unpack(&kafka, &stored, &cache)
+                })
+                .await
+                .map_err(|e| InvokeError::Service(e.to_string()))?
+                .map_err(|e| InvokeError::Service(e.to_string()))?
+            }
+            _ => {
+                return Err(InvokeError::Config(format!(
+                    "function {} has no code this node can reach",
+                    c.function_name
+                )))
+            }
         };
+        let path = &task_dir;
         Ok(FunctionSpec {
             name: c.function_name.clone(),
             revision: f.revision,
-            task_dir: path.into(),
+            task_dir: path.clone(),
             memory_mb: u64::try_from(c.memory_size).unwrap_or(128),
             timeout: Duration::from_secs(u64::try_from(c.timeout).unwrap_or(3)),
             environment: c
@@ -114,7 +141,7 @@ impl Invoker for LocalInvoker {
                 self.account.region, self.account.account_id, req.function
             )));
         };
-        let spec = Arc::new(self.spec(&function)?);
+        let spec = Arc::new(self.spec(&function).await?);
         let mut slot = match self
             .counter
             .acquire(&req.function, self.limit(&function.object))

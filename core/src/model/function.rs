@@ -56,6 +56,30 @@ pub struct FunctionCode {
     /// The bundle as a base64-encoded zip, as the Lambda API takes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zip_file: Option<String>,
+    /// Where Sluice keeps a bundle given as `ZipFile` (set by Sluice, not by users).
+    #[serde(
+        default,
+        rename = "SluiceStoredCode",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stored: Option<Box<StoredCode>>,
+}
+
+/// A bundle kept in Kafka: chunks of one partition of `topic`, from `offset`, keyed by the
+/// SHA-256 of the zip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct StoredCode {
+    /// Hex SHA-256 of the zip.
+    pub sha256: String,
+    /// Zip size, bytes.
+    pub size: u64,
+    /// The code topic.
+    pub topic: String,
+    /// Offset of the first chunk (partition 0).
+    pub offset: i64,
+    /// Number of chunks.
+    pub chunks: u32,
 }
 
 /// Environment variables (Lambda's `Environment.Variables`).
@@ -76,6 +100,7 @@ impl FunctionConfig {
             code: FunctionCode {
                 path: Some(path.into()),
                 zip_file: None,
+                stored: None,
             },
             memory_size: default_memory_size(),
             timeout: default_timeout(),
@@ -131,6 +156,7 @@ impl Validate for FunctionConfig {
             (Some(p), None) if p.is_empty() => v.push("Code.Path", "must not be empty"),
             (None, Some(z)) if z.is_empty() => v.push("Code.ZipFile", "must not be empty"),
             (Some(_), None) | (None, Some(_)) => {}
+            (None, None) if self.code.stored.is_some() => {}
             (None, None) => v.push("Code", "must have one of Path or ZipFile, got neither"),
             (Some(_), Some(_)) => v.push("Code", "must have one of Path or ZipFile, got both"),
         }

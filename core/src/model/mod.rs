@@ -9,7 +9,7 @@ mod invoke_config;
 mod mapping;
 mod validate;
 
-pub use function::{Environment, FunctionCode, FunctionConfig, MAX_FUNCTION_NAME_LEN};
+pub use function::{Environment, FunctionCode, FunctionConfig, StoredCode, MAX_FUNCTION_NAME_LEN};
 pub use invoke_config::{Destination, DestinationConfig, EventInvokeConfig, KafkaTopicUri};
 pub use mapping::{
     EventSourceMappingConfig, EventSourceMappingState, Filter, FilterCriteria,
