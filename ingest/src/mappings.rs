@@ -168,8 +168,29 @@ pub(crate) async fn update(
     Path(uuid): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    // The tracker moves states on (e.g. Updating → Enabled) concurrently; re-apply the change to
+    // the latest revision a few times before reporting ResourceInUseException.
+    let mut attempt = 0;
+    loop {
+        match update_once(&state, &uuid, &body).await {
+            Err(e) if e.kind == "ResourceInUseException" && attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn update_once(
+    state: &ApiState,
+    uuid: &str,
+    body: &Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let state = state.clone();
+    let uuid = uuid.to_owned();
     let current = find(&state, &uuid)?;
-    let patch: Map<String, Value> = serde_json::from_slice(&body)
+    let patch: Map<String, Value> = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("invalid JSON: {e}")))?;
     let mut merged = serde_json::to_value(&current.object.config)
         .map_err(|e| ApiError::service(e.to_string()))?;
@@ -234,7 +255,7 @@ pub(crate) async fn delete(
         .write(
             &ObjectKey::event_source_mapping(&uuid),
             None,
-            Expected::Revision(current.revision),
+            Expected::Exists,
         )
         .await?;
     let mut out = mapping_json(&state, &current);

@@ -158,6 +158,33 @@ impl InProcess {
         uuid
     }
 
+    /// Changes a mapping's configuration (retrying if the tracker moved its state meanwhile).
+    async fn change(&self, uuid: &str, f: impl Fn(&mut EventSourceMappingConfig)) {
+        for _ in 0..10 {
+            let m = self
+                .store
+                .event_source_mappings()
+                .into_iter()
+                .find(|m| m.object.uuid == uuid)
+                .expect("mapping");
+            let mut next = m.object.clone();
+            f(&mut next.config);
+            let written = self
+                .store
+                .write(
+                    &ObjectKey::event_source_mapping(uuid),
+                    Some(ConfigObject::EventSourceMapping(Box::new(next))),
+                    Expected::Revision(m.revision),
+                )
+                .await;
+            if written.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("could not change mapping {uuid}");
+    }
+
     fn seen(&self) -> Vec<Vec<(String, i64, Value)>> {
         self.recorder.batches.lock().expect("lock").clone()
     }
@@ -349,22 +376,7 @@ async fn filters_skip_records_and_disable_pauses() {
     );
 
     // Disable: new records wait; enable: they are processed from the checkpoint.
-    let m = p
-        .store
-        .event_source_mappings()
-        .into_iter()
-        .find(|m| m.object.uuid == uuid)
-        .expect("mapping");
-    let mut disabled = m.object.clone();
-    disabled.config.enabled = false;
-    p.store
-        .write(
-            &ObjectKey::event_source_mapping(&uuid),
-            Some(ConfigObject::EventSourceMapping(Box::new(disabled))),
-            Expected::Revision(m.revision),
-        )
-        .await
-        .expect("disable");
+    p.change(&uuid, |c| c.enabled = false).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     produce(
         &topic,
@@ -377,22 +389,7 @@ async fn filters_skip_records_and_disable_pauses() {
         10,
         "a disabled mapping does not poll"
     );
-    let m = p
-        .store
-        .event_source_mappings()
-        .into_iter()
-        .find(|m| m.object.uuid == uuid)
-        .expect("mapping");
-    let mut enabled = m.object.clone();
-    enabled.config.enabled = true;
-    p.store
-        .write(
-            &ObjectKey::event_source_mapping(&uuid),
-            Some(ConfigObject::EventSourceMapping(Box::new(enabled))),
-            Expected::Revision(m.revision),
-        )
-        .await
-        .expect("enable");
+    p.change(&uuid, |c| c.enabled = true).await;
     let seen = p.wait_offsets(11, Duration::from_secs(30)).await;
     let all: Vec<i64> = seen.iter().flatten().map(|(_, o, _)| *o).collect();
     assert_eq!(
@@ -422,22 +419,7 @@ async fn an_update_of_batch_size_applies_live() {
         "batches of up to 20 before the update: {:?}",
         seen.iter().map(Vec::len).collect::<Vec<_>>()
     );
-    let m = p
-        .store
-        .event_source_mappings()
-        .into_iter()
-        .find(|m| m.object.uuid == uuid)
-        .expect("mapping");
-    let mut resized = m.object.clone();
-    resized.config.batch_size = 3;
-    p.store
-        .write(
-            &ObjectKey::event_source_mapping(&uuid),
-            Some(ConfigObject::EventSourceMapping(Box::new(resized))),
-            Expected::Revision(m.revision),
-        )
-        .await
-        .expect("update");
+    p.change(&uuid, |c| c.batch_size = 3).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = p.seen().len();
     let second: Vec<(String, Value)> = (40..70)
