@@ -5,6 +5,7 @@
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 ensure_all
+ensure_apt bwrap bubblewrap
 cargo build --release --locked -p sluice -p sluice-agent -p sluice-testfns
 want="${1:-all}"
 if [ "$want" = all ] || [ "$want" = ingest ] || [ "$want" = stream ]; then
