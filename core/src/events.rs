@@ -5,7 +5,7 @@
 //! `sluice-request-id`, `sluice-function`, `sluice-enqueued-ms`, `sluice-attempts` (invocations
 //! already made), `sluice-throttles` and `sluice-not-before-ms` (for delayed re-delivery).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
@@ -168,10 +168,4 @@ impl EventProducer {
     }
 }
 
-/// Now, Unix ms.
-#[must_use]
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use crate::time::now_ms;

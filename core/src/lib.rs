@@ -19,3 +19,4 @@ pub mod invoke;
 pub mod kafka;
 pub mod model;
 pub mod store;
+pub mod time;

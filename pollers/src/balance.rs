@@ -42,9 +42,7 @@ pub(crate) struct Balancer {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
+    u64::try_from(sluice_core::time::now_ms()).unwrap_or(0)
 }
 
 impl Balancer {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sluice_agent::protocol::{read_frame, write_frame, Frame, Invoke, ProtocolError, Start};
@@ -231,9 +231,7 @@ fn describe_exit(code: i64, signal: i64) -> String {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    u64::try_from(sluice_core::time::now_ms()).unwrap_or(0)
 }
 
 impl Sandbox {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -17,6 +17,7 @@ use super::record::{ConfigObject, ConfigRecord, ObjectKey, ObjectKind};
 use super::view::{Outcome, Versioned, View};
 use crate::kafka::{ensure_topic, KafkaSettings, TopicSpec};
 use crate::model::{EventInvokeConfig, EventSourceMappingState, FunctionConfig};
+use crate::time::now_ms;
 
 /// Settings of the configuration store.
 #[derive(Debug, Clone)]
@@ -551,10 +552,4 @@ async fn tail(inner: Arc<Inner>) {
         inner.applied.send_replace(offset + 1);
     }
     debug!("configuration tail stopped");
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
