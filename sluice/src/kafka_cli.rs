@@ -14,9 +14,9 @@ use sluice_core::events::{AsyncEvent, EventProducer};
 use sluice_core::kafka::KafkaSettings;
 use sluice_destinations::InvocationRecord;
 
-/// Options of `sluice produce`.
-#[derive(Debug, Args)]
-pub struct ProduceArgs {
+/// Where the Kafka cluster is (shared by the Kafka tools).
+#[derive(Debug, Clone, Args)]
+pub struct Brokers {
     /// Kafka bootstrap servers.
     #[arg(
         short = 'b',
@@ -24,7 +24,14 @@ pub struct ProduceArgs {
         env = "SLUICE_KAFKA",
         default_value = "127.0.0.1:9092"
     )]
-    brokers: String,
+    pub brokers: String,
+}
+
+/// Options of `sluice produce`.
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    #[command(flatten)]
+    kafka: Brokers,
     /// Topic to write to.
     #[arg(short = 't', long)]
     topic: String,
@@ -48,7 +55,7 @@ pub struct ProduceArgs {
 }
 
 pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
-    let kafka = KafkaSettings::new(&args.brokers);
+    let kafka = KafkaSettings::new(&args.kafka.brokers);
     let producer: FutureProducer = kafka
         .durable_producer_config()
         .create()
@@ -64,7 +71,12 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         })
         .await
         .context("metadata task")?
-        .with_context(|| format!("read metadata of {} from {}", args.topic, args.brokers))?;
+        .with_context(|| {
+            format!(
+                "read metadata of {} from {}",
+                args.topic, args.kafka.brokers
+            )
+        })?;
         let partitions = md
             .topics()
             .first()
@@ -74,7 +86,7 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             bail!(
                 "topic {:?} does not exist on {} (create it first)",
                 args.topic,
-                args.brokers
+                args.kafka.brokers
             );
         }
         if let Some(p) = args.partition {
@@ -177,14 +189,8 @@ pub enum TopicsCommand {
         /// Partitions (the shards of a stream mapping).
         #[arg(short = 'p', long, default_value_t = 1)]
         partitions: i32,
-        /// Kafka bootstrap servers.
-        #[arg(
-            short = 'b',
-            long = "brokers",
-            env = "SLUICE_KAFKA",
-            default_value = "127.0.0.1:9092"
-        )]
-        brokers: String,
+        #[command(flatten)]
+        kafka: Brokers,
     },
 }
 
@@ -192,8 +198,9 @@ pub async fn topics(cmd: TopicsCommand) -> anyhow::Result<()> {
     let TopicsCommand::Create {
         name,
         partitions,
-        brokers,
+        kafka,
     } = cmd;
+    let brokers = kafka.brokers;
     let mut v = sluice_core::model::Violations::default();
     if partitions < 1 {
         bail!("--partitions must be at least 1, got {partitions}");
@@ -229,14 +236,8 @@ pub enum DestinationsCommand {
 pub struct TailArgs {
     /// The destination, `kafka://<topic>`.
     destination: String,
-    /// Kafka bootstrap servers.
-    #[arg(
-        short = 'b',
-        long = "brokers",
-        env = "SLUICE_KAFKA",
-        default_value = "127.0.0.1:9092"
-    )]
-    brokers: String,
+    #[command(flatten)]
+    kafka: Brokers,
     /// Keep waiting for new records instead of stopping at the end.
     #[arg(short = 'f', long)]
     follow: bool,
@@ -279,7 +280,7 @@ pub async fn tail(cmd: DestinationsCommand) -> anyhow::Result<()> {
     let DestinationsCommand::Tail(args) = cmd;
     let topic = topic_of(&args.destination)?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let consumer: BaseConsumer = KafkaSettings::new(&args.brokers)
+        let consumer: BaseConsumer = KafkaSettings::new(&args.kafka.brokers)
             .client_config()
             .set("group.id", "sluice-tail")
             .set("enable.auto.commit", "false")
@@ -358,14 +359,8 @@ fn print_record(r: &InvocationRecord, partition: i32, offset: i64) {
 pub struct RedriveArgs {
     /// The failure destination, `kafka://<topic>`.
     destination: String,
-    /// Kafka bootstrap servers.
-    #[arg(
-        short = 'b',
-        long = "brokers",
-        env = "SLUICE_KAFKA",
-        default_value = "127.0.0.1:9092"
-    )]
-    brokers: String,
+    #[command(flatten)]
+    kafka: Brokers,
     /// Prefix of Sluice's topics (the async queue is `<prefix>async`).
     #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "sluice.")]
     topic_prefix: String,
@@ -376,12 +371,12 @@ pub struct RedriveArgs {
 
 pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     let topic = topic_of(&args.destination)?;
-    let kafka = KafkaSettings::new(&args.brokers);
+    let kafka = KafkaSettings::new(&args.kafka.brokers);
     let events = EventProducer::new(&kafka).context("create the producer")?;
     let queue = format!("{}async", args.topic_prefix);
     // Progress is the committed offsets of this group: an interrupted redrive resumes there.
     let group = format!("{}redrive.{topic}", args.topic_prefix);
-    let brokers = args.brokers.clone();
+    let brokers = args.kafka.brokers.clone();
     let topic2 = topic.clone();
     let group2 = group.clone();
     let queue2 = queue.clone();
