@@ -92,4 +92,10 @@ pub trait Invoker: Send + Sync {
     /// [`InvokeError`] when the invocation could not run; function failures are
     /// [`FunctionResult::Err`], not errors.
     async fn invoke(&self, request: InvokeRequest) -> Result<Invoked, InvokeError>;
+
+    /// How many provisioned sandboxes of `function` (its current configuration) are booted
+    /// across the fleet now; `None` when this invoker cannot see the fleet.
+    async fn provisioned_ready(&self, _function: &str) -> Option<u32> {
+        None
+    }
 }

@@ -1,7 +1,8 @@
 //! Sluice core: the configuration model every stage shares, and the configuration store.
 //!
 //! - [`model`]: the user-facing configuration of functions ([`model::FunctionConfig`]),
-//!   asynchronous invocation ([`model::EventInvokeConfig`]) and Kafka event source mappings
+//!   asynchronous invocation ([`model::EventInvokeConfig`]), provisioned concurrency
+//!   ([`model::ProvisionedConcurrencyConfig`]) and Kafka event source mappings
 //!   ([`model::EventSourceMappingConfig`]), with Lambda's PascalCase names, ranges and defaults.
 //!   Every type rejects unknown fields and validates with messages that name the field, the bound
 //!   and the value.

@@ -1,6 +1,7 @@
 //! Function control routes: CreateFunction, GetFunction, GetFunctionConfiguration, ListFunctions,
 //! DeleteFunction.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use axum::body::Bytes;
@@ -154,18 +155,42 @@ pub(crate) fn check_code_path(path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(crate) fn check_reservation(state: &ApiState, config: &FunctionConfig) -> Result<(), ApiError> {
-    let Some(wanted) = config.reserved_concurrent_executions else {
-        return Ok(());
-    };
+/// What Lambda keeps unreserved in every account.
+const MIN_UNRESERVED: i64 = 100;
+
+/// The most concurrency `function` may set aside (reserve, or provision) while the account keeps
+/// [`MIN_UNRESERVED`] unreserved: the account limit less what every other function sets aside,
+/// which is its reservation, or its provisioned concurrency when it has no reservation.
+pub(crate) fn reservable(state: &ApiState, function: &str) -> i64 {
+    let provisioned: HashMap<String, i64> = state
+        .store
+        .provisioned_concurrency_configs()
+        .into_iter()
+        .map(|(name, c)| {
+            let requested = c.object.requested_provisioned_concurrent_executions;
+            (name, i64::from(requested))
+        })
+        .collect();
     let others: i64 = state
         .store
         .functions()
         .iter()
-        .filter(|f| f.object.function_name != config.function_name)
-        .filter_map(|f| f.object.reserved_concurrent_executions)
+        .filter(|f| f.object.function_name != function)
+        .map(|f| {
+            f.object
+                .reserved_concurrent_executions
+                .or_else(|| provisioned.get(&f.object.function_name).copied())
+                .unwrap_or(0)
+        })
         .sum();
-    let max = i64::from(state.account.concurrency_limit) - 100 - others;
+    i64::from(state.account.concurrency_limit) - MIN_UNRESERVED - others
+}
+
+pub(crate) fn check_reservation(state: &ApiState, config: &FunctionConfig) -> Result<(), ApiError> {
+    let Some(wanted) = config.reserved_concurrent_executions else {
+        return Ok(());
+    };
+    let max = reservable(state, &config.function_name);
     if wanted > max {
         return Err(ApiError::invalid(format!(
             "Specified ReservedConcurrentExecutions for function decreases account's \
@@ -227,10 +252,17 @@ pub(crate) async fn delete_function(
         .store
         .write(&ObjectKey::function(&name), None, Expected::Exists)
         .await?;
-    // The event-invoke config goes with the function, as in Lambda.
+    // The event-invoke and provisioned-concurrency configs go with the function, as in Lambda.
     let eic = ObjectKey::event_invoke_config(&name);
     if state.store.event_invoke_config(&name).is_some() {
         state.store.write(&eic, None, Expected::Exists).await?;
+    }
+    let provisioned = ObjectKey::provisioned_concurrency(&name);
+    if state.store.provisioned_concurrency(&name).is_some() {
+        state
+            .store
+            .write(&provisioned, None, Expected::Exists)
+            .await?;
     }
     tracing::info!(function = %name, "function deleted");
     Ok(StatusCode::NO_CONTENT)

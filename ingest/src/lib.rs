@@ -13,6 +13,7 @@ mod error;
 mod functions;
 mod invoke;
 mod mappings;
+mod provisioned;
 mod settings;
 pub mod sigv4;
 
@@ -120,6 +121,12 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/2019-09-30/functions/{name}/concurrency",
             get(settings::get_concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/provisioned-concurrency",
+            get(provisioned::get)
+                .put(provisioned::put)
+                .delete(provisioned::delete),
         )
         .layer(DefaultBodyLimit::max(MAX_CONTROL_BODY_BYTES))
         .route(

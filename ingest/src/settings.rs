@@ -15,11 +15,16 @@ use sluice_core::store::{ConfigObject, Expected, ObjectKey, StoreError, Versione
 use crate::functions::{check_code_path, check_reservation, configuration, model_error};
 use crate::{ApiError, ApiState};
 
-fn body_text(body: &Bytes) -> Result<&str, ApiError> {
+/// The body as text; Lambda's bodies are UTF-8 JSON.
+pub(crate) fn body_text(body: &Bytes) -> Result<&str, ApiError> {
     std::str::from_utf8(body).map_err(|_| ApiError::invalid("request body must be UTF-8 JSON"))
 }
 
-fn function(state: &ApiState, name: &str) -> Result<Versioned<FunctionConfig>, ApiError> {
+/// Function `name`, or Lambda's 404 naming its ARN.
+pub(crate) fn function(
+    state: &ApiState,
+    name: &str,
+) -> Result<Versioned<FunctionConfig>, ApiError> {
     state.store.function(name).ok_or_else(|| {
         ApiError::not_found(format!(
             "Function not found: {}",
@@ -302,6 +307,17 @@ pub(crate) async fn put_concurrency(
     f.reserved_concurrent_executions = Some(req.reserved_concurrent_executions);
     f.validate().map_err(|v| ApiError::invalid(v.to_string()))?;
     check_reservation(&state, &f)?;
+    if let Some(p) = state.store.provisioned_concurrency(&name) {
+        let provisioned = p.object.requested_provisioned_concurrent_executions;
+        if req.reserved_concurrent_executions < i64::from(provisioned) {
+            return Err(ApiError::invalid(format!(
+                "ReservedConcurrentExecutions must be at least the function's provisioned \
+                 concurrency ({provisioned}), got {}; lower or delete the provisioned concurrency \
+                 first (PutProvisionedConcurrencyConfig / DeleteProvisionedConcurrencyConfig)",
+                req.reserved_concurrent_executions
+            )));
+        }
+    }
     let _configuration = write_function(&state, f, Expected::Revision(current.revision)).await?;
     Ok(Json(
         json!({ "ReservedConcurrentExecutions": req.reserved_concurrent_executions }),

@@ -71,6 +71,55 @@ assert lam.get_function_concurrency(FunctionName=fn)["ReservedConcurrentExecutio
 lam.delete_function_concurrency(FunctionName=fn)
 print("concurrency ok")
 
+
+def check_provisioned(c, requested):
+    """Allocated/Available are the fleet's (a worker may have booted some already)."""
+    assert c["RequestedProvisionedConcurrentExecutions"] == requested, c
+    assert c["Status"] in ("IN_PROGRESS", "READY"), c
+    for field in ("AllocatedProvisionedConcurrentExecutions", "AvailableProvisionedConcurrentExecutions"):
+        assert 0 <= c[field] <= requested, c
+    assert (c["Status"] == "READY") == (c["AllocatedProvisionedConcurrentExecutions"] == requested), c
+    assert c["LastModified"].endswith("+0000"), c
+
+
+def expect_error(code, call, **kwargs):
+    try:
+        call(**kwargs)
+        raise AssertionError(f"expected {code}")
+    except ClientError as e:
+        assert e.response["Error"]["Code"] == code, e.response
+        return e.response["Error"]["Message"]
+
+
+# Provisioned concurrency: Sluice has no versions or aliases, so the qualifier is $LATEST.
+pc = lam.put_provisioned_concurrency_config(FunctionName=fn, Qualifier="$LATEST", ProvisionedConcurrentExecutions=2)
+assert pc["ResponseMetadata"]["HTTPStatusCode"] == 202, pc
+check_provisioned(pc, 2)
+check_provisioned(lam.get_provisioned_concurrency_config(FunctionName=fn, Qualifier="$LATEST"), 2)
+listed = lam.list_provisioned_concurrency_configs(FunctionName=fn)["ProvisionedConcurrencyConfigs"]
+assert len(listed) == 1, listed
+assert listed[0]["FunctionArn"] == conf["FunctionArn"], listed
+check_provisioned(listed[0], 2)
+# A reservation may not drop below what is provisioned, nor provisioned rise above the reservation.
+assert lam.put_function_concurrency(FunctionName=fn, ReservedConcurrentExecutions=3)["ReservedConcurrentExecutions"] == 3
+message = expect_error("InvalidParameterValueException", lam.put_provisioned_concurrency_config,
+                       FunctionName=fn, Qualifier="$LATEST", ProvisionedConcurrentExecutions=4)
+assert "ReservedConcurrentExecutions (3)" in message, message
+expect_error("InvalidParameterValueException", lam.put_function_concurrency,
+             FunctionName=fn, ReservedConcurrentExecutions=1)
+lam.delete_function_concurrency(FunctionName=fn)
+message = expect_error("InvalidParameterValueException", lam.put_provisioned_concurrency_config,
+                       FunctionName=fn, Qualifier="live", ProvisionedConcurrentExecutions=1)
+assert "$LATEST" in message, message
+expect_error("ResourceNotFoundException", lam.put_provisioned_concurrency_config,
+             FunctionName="no-such-function", Qualifier="$LATEST", ProvisionedConcurrentExecutions=1)
+check_provisioned(lam.get_provisioned_concurrency_config(FunctionName=fn, Qualifier="$LATEST"), 2)
+lam.delete_provisioned_concurrency_config(FunctionName=fn, Qualifier="$LATEST")
+expect_error("ProvisionedConcurrencyConfigNotFoundException", lam.get_provisioned_concurrency_config,
+             FunctionName=fn, Qualifier="$LATEST")
+assert lam.list_provisioned_concurrency_configs(FunctionName=fn)["ProvisionedConcurrencyConfigs"] == []
+print("provisioned concurrency ok")
+
 try:
     lam.invoke(FunctionName="no-such-function", Payload=b"{}")
     raise AssertionError("expected ResourceNotFoundException")

@@ -7,6 +7,7 @@
 mod function;
 mod invoke_config;
 mod mapping;
+mod provisioned;
 mod validate;
 
 pub use function::{Environment, FunctionCode, FunctionConfig, StoredCode, MAX_FUNCTION_NAME_LEN};
@@ -16,4 +17,5 @@ pub use mapping::{
     FunctionResponseType, KafkaEventSourceConfig, MappingState, MetricsConfig, MetricsKind,
     ProvisionedPollerConfig, SelfManagedEventSource, SourceAccessConfiguration, StartingPosition,
 };
+pub use provisioned::ProvisionedConcurrencyConfig;
 pub use validate::{parse, Format, ModelError, Validate, Violation, Violations};

@@ -5,7 +5,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{EventInvokeConfig, EventSourceMappingState, FunctionConfig};
+use crate::model::{
+    EventInvokeConfig, EventSourceMappingState, FunctionConfig, ProvisionedConcurrencyConfig,
+};
 
 /// The kinds of object the store holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -16,6 +18,8 @@ pub enum ObjectKind {
     EventInvokeConfig,
     /// An event source mapping (named by its UUID).
     EventSourceMapping,
+    /// A function's provisioned concurrency (named after the function).
+    ProvisionedConcurrency,
 }
 
 impl ObjectKind {
@@ -24,6 +28,7 @@ impl ObjectKind {
             ObjectKind::Function => "function",
             ObjectKind::EventInvokeConfig => "event-invoke-config",
             ObjectKind::EventSourceMapping => "event-source-mapping",
+            ObjectKind::ProvisionedConcurrency => "provisioned-concurrency",
         }
     }
 }
@@ -54,6 +59,14 @@ impl ObjectKey {
             name: function.to_owned(),
         }
     }
+    /// The key of function `name`'s provisioned-concurrency configuration.
+    #[must_use]
+    pub fn provisioned_concurrency(function: &str) -> Self {
+        Self {
+            kind: ObjectKind::ProvisionedConcurrency,
+            name: function.to_owned(),
+        }
+    }
     /// The key of mapping `uuid`.
     #[must_use]
     pub fn event_source_mapping(uuid: &str) -> Self {
@@ -81,6 +94,7 @@ impl FromStr for ObjectKey {
             "function" => ObjectKind::Function,
             "event-invoke-config" => ObjectKind::EventInvokeConfig,
             "event-source-mapping" => ObjectKind::EventSourceMapping,
+            "provisioned-concurrency" => ObjectKind::ProvisionedConcurrency,
             other => return Err(format!("unknown kind {other:?} in key {s:?}")),
         };
         Ok(Self {
@@ -100,6 +114,8 @@ pub enum ConfigObject {
     EventInvokeConfig(EventInvokeConfig),
     /// An event source mapping.
     EventSourceMapping(Box<EventSourceMappingState>),
+    /// Provisioned concurrency.
+    ProvisionedConcurrency(ProvisionedConcurrencyConfig),
 }
 
 impl ConfigObject {
@@ -110,6 +126,7 @@ impl ConfigObject {
             ConfigObject::Function(_) => ObjectKind::Function,
             ConfigObject::EventInvokeConfig(_) => ObjectKind::EventInvokeConfig,
             ConfigObject::EventSourceMapping(_) => ObjectKind::EventSourceMapping,
+            ConfigObject::ProvisionedConcurrency(_) => ObjectKind::ProvisionedConcurrency,
         }
     }
 }
@@ -130,4 +147,46 @@ pub struct ConfigRecord {
     pub written_at_ms: i64,
     /// The new object; `None` deletes it.
     pub object: Option<ConfigObject>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provisioned_concurrency_key_round_trips() {
+        let key = ObjectKey::provisioned_concurrency("orders");
+        assert_eq!(key.to_string(), "provisioned-concurrency/orders");
+        assert_eq!(
+            "provisioned-concurrency/orders".parse::<ObjectKey>(),
+            Ok(key)
+        );
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_its_key() {
+        for key in [
+            ObjectKey::function("f"),
+            ObjectKey::event_invoke_config("f"),
+            ObjectKey::event_source_mapping("0b8e6c2e-0000-4000-8000-000000000000"),
+            ObjectKey::provisioned_concurrency("f"),
+        ] {
+            assert_eq!(key.to_string().parse::<ObjectKey>(), Ok(key));
+        }
+        assert!("provisioned/f".parse::<ObjectKey>().is_err());
+    }
+
+    #[test]
+    fn provisioned_concurrency_object_is_tagged_with_its_kind() {
+        let object = ConfigObject::ProvisionedConcurrency(ProvisionedConcurrencyConfig {
+            requested_provisioned_concurrent_executions: 2,
+            last_modified: "2019-11-14T18:16:05.568+0000".into(),
+        });
+        assert_eq!(object.kind(), ObjectKind::ProvisionedConcurrency);
+        let value = serde_json::to_value(&object).expect("encodes");
+        assert_eq!(value["Kind"], "ProvisionedConcurrency");
+        assert_eq!(value["Spec"]["RequestedProvisionedConcurrentExecutions"], 2);
+        let back: ConfigObject = serde_json::from_value(value).expect("decodes");
+        assert_eq!(back, object);
+    }
 }

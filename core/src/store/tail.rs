@@ -16,7 +16,9 @@ use tracing::{debug, info, warn};
 use super::record::{ConfigObject, ConfigRecord, ObjectKey, ObjectKind};
 use super::view::{Outcome, Versioned, View};
 use crate::kafka::{ensure_topic, KafkaSettings, TopicSpec};
-use crate::model::{EventInvokeConfig, EventSourceMappingState, FunctionConfig};
+use crate::model::{
+    EventInvokeConfig, EventSourceMappingState, FunctionConfig, ProvisionedConcurrencyConfig,
+};
 use crate::time::now_ms;
 
 /// Settings of the configuration store.
@@ -419,15 +421,45 @@ impl ConfigStore {
         })
     }
 
+    /// Function `name`'s provisioned-concurrency configuration, if one was put.
+    #[must_use]
+    pub fn provisioned_concurrency(
+        &self,
+        name: &str,
+    ) -> Option<Versioned<ProvisionedConcurrencyConfig>> {
+        self.read_view()
+            .get(&ObjectKey::provisioned_concurrency(name))?
+            .try_map(as_provisioned)
+    }
+
+    /// Every provisioned-concurrency configuration with its function's name, ordered by name.
+    #[must_use]
+    pub fn provisioned_concurrency_configs(
+        &self,
+    ) -> Vec<(String, Versioned<ProvisionedConcurrencyConfig>)> {
+        self.list_named(ObjectKind::ProvisionedConcurrency, as_provisioned)
+    }
+
     fn list<T>(
         &self,
         kind: ObjectKind,
         f: impl Fn(ConfigObject) -> Option<T>,
     ) -> Vec<Versioned<T>> {
+        self.list_named(kind, f)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    fn list_named<T>(
+        &self,
+        kind: ObjectKind,
+        f: impl Fn(ConfigObject) -> Option<T>,
+    ) -> Vec<(String, Versioned<T>)> {
         self.read_view()
             .list(kind)
             .into_iter()
-            .filter_map(|(_, v)| v.try_map(&f))
+            .filter_map(|(name, v)| Some((name, v.try_map(&f)?)))
             .collect()
     }
 
@@ -483,6 +515,13 @@ impl ConfigStore {
             // The lock expires on its own; the next writer waits at most lock_ttl.
             warn!(key = %key, error = %e, "could not release configuration write lock");
         }
+    }
+}
+
+fn as_provisioned(o: ConfigObject) -> Option<ProvisionedConcurrencyConfig> {
+    match o {
+        ConfigObject::ProvisionedConcurrency(c) => Some(c),
+        _ => None,
     }
 }
 
