@@ -84,6 +84,10 @@ async fn run_inner(args: &DevArgs, started: &mut Vec<Service>) -> anyhow::Result
         throttle_backoff_max: Duration::from_secs(300),
         lease_ttl: Duration::from_secs(10),
         access_keys: Vec::new(),
+        worker_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        worker_advertise: None,
+        worker_ttl: Duration::from_secs(5),
+        sandbox_idle_timeout: Duration::from_secs(300),
     };
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

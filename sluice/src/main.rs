@@ -39,7 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: the Lambda-compatible API, pollers and workers, by role.
-    Node(node::NodeArgs),
+    Node(Box<node::NodeArgs>),
     /// Run everything on this machine: start Kafka (tansu) and Redis if they are not reachable,
     /// then a node with every role. Ctrl-C stops what it started.
     Dev(dev::DevArgs),
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Node(args) => node::run(args).await,
+            Command::Node(args) => node::run(*args).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Functions(cmd) => functions::run(cmd).await,
             Command::Invoke(args) => invoke_cli::run(args).await,

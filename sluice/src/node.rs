@@ -19,7 +19,12 @@ use sluice_ingest::{AccountSettings, ApiState};
 use sluice_leasing::ConcurrencyCounter;
 use sluice_pollers::async_poller::{AsyncPoller, AsyncPollerConfig};
 use sluice_pollers::stream::{StreamConfig, StreamTracker};
-use sluice_workers::invoker::{AccountIdentity, LocalInvoker};
+use sluice_workers::invoker::{AccountIdentity, ClusterInvoker, ClusterParts};
+use sluice_workers::manager::IdleIndex;
+use sluice_workers::node::WorkerNode;
+use sluice_workers::registry::WorkerRegistry;
+use sluice_workers::remote;
+use sluice_workers::service::WorkerService;
 use sluice_workers::{Pool, PoolConfig};
 
 use crate::worker::{self, SandboxKind};
@@ -47,7 +52,7 @@ pub struct NodeArgs {
     /// Redis URL (leases, concurrency slots, worker registry).
     #[arg(long, env = "SLUICE_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
-    /// Address the API and `/metrics` listen on (frontend role).
+    /// Address `/metrics` and `/healthz` listen on, and with the frontend role the Lambda API.
     #[arg(long, env = "SLUICE_API", default_value = "127.0.0.1:9000")]
     pub api: SocketAddr,
     /// Roles this node runs, comma-separated.
@@ -105,6 +110,20 @@ pub struct NodeArgs {
     /// Longest back-off of a throttled async event.
     #[arg(long, env = "SLUICE_THROTTLE_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
     pub throttle_backoff_max: Duration,
+    /// Address the worker API listens on (worker role): other nodes send invocations there.
+    /// Port 0 picks a free port. Use a routable address when nodes run on different hosts.
+    #[arg(long, env = "SLUICE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
+    pub worker_listen: SocketAddr,
+    /// Address other nodes use to reach this worker (default: the address it listens on).
+    #[arg(long, env = "SLUICE_WORKER_ADVERTISE", value_name = "HOST:PORT")]
+    pub worker_advertise: Option<String>,
+    /// How long a worker's registration lives without a heartbeat (it heartbeats five times per
+    /// TTL): a dead worker stops being offered warm sandboxes or new ones after this long.
+    #[arg(long, env = "SLUICE_WORKER_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub worker_ttl: Duration,
+    /// Idle sandboxes are destroyed after this long (provisioned ones are kept).
+    #[arg(long, env = "SLUICE_SANDBOX_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub sandbox_idle_timeout: Duration,
 }
 
 /// Parses `250ms`, `30s`, `5m`, `1h`.
@@ -235,42 +254,69 @@ pub async fn start(
         ..AsyncPollerConfig::new(&args.topic_prefix, &account.function_arn(""))
     };
 
-    let invoker: Option<Arc<dyn Invoker>> = if args.roles.contains(&Role::Worker) {
-        let backend = worker::backend(args.sandbox)?;
-        let pool = Pool::new(
-            backend,
-            PoolConfig {
-                memory_budget_mb: args.memory_budget_mb,
-                ..PoolConfig::default()
-            },
-            None,
-        );
-        tracker.spawn(pool.clone().run_reaper(cancel.child_token()));
-        let counter = ConcurrencyCounter::new(
-            redis.clone(),
-            args.redis_prefix.clone(),
-            Duration::from_secs(30),
+    let identity = AccountIdentity {
+        region: account.region.clone(),
+        account_id: account.account_id.clone(),
+        concurrency_limit: account.concurrency_limit,
+    };
+    let registry = WorkerRegistry::new(redis.clone(), args.redis_prefix.clone(), args.worker_ttl);
+    let index = IdleIndex::new(
+        redis.clone(),
+        args.redis_prefix.clone(),
+        registry.worker_key_prefix(),
+    );
+    let pool_config = PoolConfig {
+        memory_budget_mb: args.memory_budget_mb,
+        idle_timeout: args.sandbox_idle_timeout,
+        ..PoolConfig::default()
+    };
+    let init_timeout = pool_config.init_timeout;
+    let local = if args.roles.contains(&Role::Worker) {
+        Some(
+            start_worker(
+                args,
+                &node_id,
+                pool_config,
+                (&store, &kafka, &identity),
+                (&registry, &index),
+                (cancel, tracker),
+            )
+            .await?,
         )
-        .context("set up concurrency counting")?;
-        let identity = AccountIdentity {
-            region: account.region.clone(),
-            account_id: account.account_id.clone(),
-            concurrency_limit: account.concurrency_limit,
-        };
-        Some(Arc::new(
-            LocalInvoker::new(store.clone(), counter, pool, identity).with_code_store(
-                kafka.clone(),
-                std::path::PathBuf::from("/var/cache/sluice/code"),
-            ),
-        ))
     } else {
         None
     };
+    let counter = ConcurrencyCounter::new(
+        redis.clone(),
+        args.redis_prefix.clone(),
+        Duration::from_secs(30),
+    )
+    .context("set up concurrency counting")?;
+    let cluster = ClusterInvoker::new(ClusterParts {
+        store: store.clone(),
+        counter,
+        account: identity,
+        registry,
+        index,
+        local,
+        init_timeout,
+    })
+    .context("set up the worker client")?;
+    if let Err(e) = cluster.refresh_fleet().await {
+        tracing::warn!(error = %e, "could not read the worker registry yet");
+    }
+    tracker.spawn(
+        cluster
+            .clone()
+            .run_fleet_refresh(Duration::from_millis(500), cancel.child_token()),
+    );
+    let invoker: Option<Arc<dyn Invoker>> = Some(Arc::new(cluster));
 
     if args.roles.contains(&Role::Poller) {
         match &invoker {
             Some(invoker) => {
-                let destinations = DestinationWriter::new(kafka.clone(), events.producer().clone(), 1);
+                let destinations =
+                    DestinationWriter::new(kafka.clone(), events.producer().clone(), 1);
                 let poller = AsyncPoller::new(
                     async_cfg.clone(),
                     kafka.clone(),
@@ -281,7 +327,10 @@ pub async fn start(
                     redis.clone(),
                     node_id.clone(),
                 );
-                poller.ensure_topics().await.context("create the async queue topics")?;
+                poller
+                    .ensure_topics()
+                    .await
+                    .context("create the async queue topics")?;
                 let streams = StreamTracker::new(
                     StreamConfig {
                         node_id: node_id.clone(),
@@ -303,10 +352,12 @@ pub async fn start(
                     }
                 });
             }
-            None => tracing::warn!("the poller role needs the worker role on the same node in this build; no pollers run"),
+            None => unreachable!("every node has an invoker"),
         }
     }
 
+    // Every node serves `/metrics` and `/healthz` on --api; the frontend role adds the Lambda API.
+    let mut app = ops_router(metrics, store.clone());
     if args.roles.contains(&Role::Frontend) {
         let state = ApiState {
             store: store.clone(),
@@ -319,27 +370,84 @@ pub async fn start(
             credentials: sluice_ingest::sigv4::Credentials::parse(&args.access_keys)
                 .map_err(anyhow::Error::msg)?,
         };
-        let app = sluice_ingest::router(state)
-            .merge(ops_router(metrics, store.clone()))
-            .layer(tower_http::trace::TraceLayer::new_for_http());
-        let listener = tokio::net::TcpListener::bind(args.api)
-            .await
-            .with_context(|| {
-                format!(
-                    "listen on {} (is another node using it? pass --api)",
-                    args.api
-                )
-            })?;
-        info!(addr = %args.api, "API listening");
-        let cancel = cancel.clone();
-        tracker.spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "API server stopped");
-            }
-        });
+        app = sluice_ingest::router(state).merge(app);
     }
+    let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
+    let listener = tokio::net::TcpListener::bind(args.api)
+        .await
+        .with_context(|| {
+            format!(
+                "listen on {} (is another node using it? pass --api)",
+                args.api
+            )
+        })?;
+    info!(addr = %args.api, lambda_api = args.roles.contains(&Role::Frontend), "API listening");
+    let cancel = cancel.clone();
+    tracker.spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
     Ok(())
+}
+
+/// Starts the worker role: the pool, the worker API, the registry heartbeat, the idle-index
+/// sync and the provisioned-concurrency reconciler. Returns the service for local invokes.
+async fn start_worker(
+    args: &NodeArgs,
+    node_id: &str,
+    pool_config: PoolConfig,
+    (store, kafka, identity): (&ConfigStore, &KafkaSettings, &AccountIdentity),
+    (registry, index): (&WorkerRegistry, &IdleIndex),
+    (cancel, tracker): (&CancellationToken, &TaskTracker),
+) -> anyhow::Result<WorkerService> {
+    let backend = worker::backend(args.sandbox)?;
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(4096);
+    let pool = Pool::new(backend, pool_config, None).with_events(events_tx);
+    tracker.spawn(pool.clone().run_reaper(cancel.child_token()));
+    let service = WorkerService::new(node_id.to_owned(), pool, store.clone(), identity.clone())
+        .with_code_store(
+            kafka.clone(),
+            std::path::PathBuf::from("/var/cache/sluice/code"),
+        );
+    let listener = tokio::net::TcpListener::bind(args.worker_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listen on {} for the worker API (pass --worker-listen)",
+                args.worker_listen
+            )
+        })?;
+    let bound = listener.local_addr().context("the worker API's address")?;
+    let addr = args
+        .worker_advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+    info!(listen = %bound, advertise = %addr, "worker API listening");
+    let app = remote::router(service.clone());
+    let stop = cancel.clone();
+    tracker.spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "worker API stopped");
+        }
+    });
+    let node = WorkerNode::new(service.clone(), registry.clone(), index.clone(), addr);
+    node.heartbeat()
+        .await
+        .context("register this worker in Redis")?;
+    tracker.spawn(
+        node.clone()
+            .run_heartbeat(args.worker_ttl / 5, cancel.child_token()),
+    );
+    tracker.spawn(node.clone().run_index_sync(
+        events_rx,
+        Duration::from_secs(1),
+        cancel.child_token(),
+    ));
+    tracker.spawn(node.run_provisioned(Duration::from_secs(1), cancel.child_token()));
+    Ok(service)
 }
 
 fn ops_router(metrics: PrometheusHandle, store: ConfigStore) -> Router {

@@ -14,6 +14,19 @@ pub struct Node {
     args: Vec<String>,
 }
 
+/// Flags that make a node's retries and lease hand-overs fast enough for tests: async retries
+/// after 1 s and 2 s, throttle back-off 200 ms to 1 s, 3 s leases.
+pub const FAST_RETRIES: &[&str] = &[
+    "--async-retry-delays",
+    "1s,2s",
+    "--throttle-backoff-min",
+    "200ms",
+    "--throttle-backoff-max",
+    "1s",
+    "--lease-ttl",
+    "3s",
+];
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -22,16 +22,7 @@ struct Env {
 async fn env(extra: &[&str]) -> Env {
     let redis = RedisServer::start();
     let prefix = unique_name("t").replace('-', "");
-    let mut args = vec![
-        "--async-retry-delays",
-        "1s,2s",
-        "--throttle-backoff-min",
-        "200ms",
-        "--throttle-backoff-max",
-        "1s",
-        "--lease-ttl",
-        "3s",
-    ];
+    let mut args = sluice_tests::node::FAST_RETRIES.to_vec();
     args.extend_from_slice(extra);
     let node = Node::start(&bootstrap(), &redis.url(), &prefix, &args);
     let bundle = Bundle::of("fn-misbehave");

@@ -6,6 +6,11 @@
 //! first, to make room). A sandbox whose invocation crashed, timed out or ran out of memory is
 //! destroyed, and the next request boots a fresh one. A reaper destroys sandboxes idle longer
 //! than the idle timeout.
+//!
+//! Provisioned sandboxes ([`Pool::provision`]) are booted ahead of traffic and never reaped or
+//! evicted; the provisioned-concurrency reconciler decides how many each node keeps. Every time a
+//! sandbox becomes idle or goes away the pool sends a [`PoolEvent`], which the worker turns into
+//! the cluster-wide idle-sandbox index in Redis.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,14 +84,72 @@ pub struct Invocation {
     pub duration: Duration,
 }
 
-type Key = (String, u64);
+/// A function's configuration: name and store revision.
+pub type Key = (String, u64);
+
+/// A change the cluster-wide idle index must learn about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// Sandbox `sandbox` of `function` is idle and may be claimed.
+    Idle {
+        /// Function and revision.
+        function: Key,
+        /// The sandbox's id on this node.
+        sandbox: u64,
+    },
+    /// Sandbox `sandbox` is busy or gone and must not be offered.
+    Gone {
+        /// Function and revision.
+        function: Key,
+        /// The sandbox's id on this node.
+        sandbox: u64,
+    },
+}
+
+/// Figures of a pool at one moment (for the worker registry and metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// The memory budget, MiB.
+    pub budget_mb: u64,
+    /// MiB held by sandboxes and boots in progress.
+    pub used_mb: u64,
+    /// The most `used_mb` has been since the pool started.
+    pub peak_used_mb: u64,
+    /// MiB held by idle sandboxes that may be evicted (not provisioned).
+    pub reclaimable_mb: u64,
+    /// Sandboxes running an invocation.
+    pub busy: u64,
+    /// Idle sandboxes.
+    pub idle: u64,
+    /// Provisioned sandboxes per function revision: (all, busy).
+    pub provisioned: Vec<(Key, u32, u32)>,
+}
+
+struct IdleSandbox {
+    sandbox: Sandbox,
+    provisioned: bool,
+}
 
 #[derive(Default)]
 struct State {
-    idle: HashMap<Key, Vec<Sandbox>>,
+    idle: HashMap<Key, Vec<IdleSandbox>>,
     /// MiB held by all sandboxes (idle and busy) and by boots in progress.
     used_mb: u64,
+    peak_used_mb: u64,
     busy: u64,
+    /// Provisioned sandboxes per key (idle and busy), and the busy ones.
+    provisioned: HashMap<Key, (u32, u32)>,
+}
+
+impl State {
+    fn remove_idle(&mut self, key: &Key, pos: usize) -> IdleSandbox {
+        let list = self.idle.get_mut(key).expect("caller found the key");
+        let i = list.swap_remove(pos);
+        if list.is_empty() {
+            self.idle.remove(key);
+        }
+        i
+    }
 }
 
 /// A node's sandboxes.
@@ -97,6 +160,7 @@ pub struct Pool {
     state: Arc<Mutex<State>>,
     next_id: Arc<AtomicU64>,
     logs: Option<mpsc::Sender<LogLine>>,
+    events: Option<mpsc::Sender<PoolEvent>>,
 }
 
 impl Pool {
@@ -113,7 +177,82 @@ impl Pool {
             state: Arc::new(Mutex::new(State::default())),
             next_id: Arc::new(AtomicU64::new(1)),
             logs,
+            events: None,
         }
+    }
+
+    /// Sends idle/gone changes to `events`. The pool never waits on it: when it is full the
+    /// change is dropped, and the worker's periodic re-announcement repairs the index.
+    #[must_use]
+    pub fn with_events(mut self, events: mpsc::Sender<PoolEvent>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    fn emit(&self, event: PoolEvent) {
+        if let Some(tx) = &self.events {
+            if tx.try_send(event).is_err() {
+                metrics::counter!("sluice_pool_events_dropped_total").increment(1);
+            }
+        }
+    }
+
+    /// The memory budget, MiB.
+    #[must_use]
+    pub fn budget_mb(&self) -> u64 {
+        self.config.memory_budget_mb
+    }
+
+    /// The backend's name (`jail`, `kvm`).
+    #[must_use]
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Figures of the pool now.
+    #[must_use]
+    pub fn stats(&self) -> PoolStats {
+        let st = self.lock();
+        let mut provisioned: Vec<(Key, u32, u32)> = st
+            .provisioned
+            .iter()
+            .map(|(k, (all, busy))| (k.clone(), *all, *busy))
+            .collect();
+        provisioned.sort();
+        PoolStats {
+            budget_mb: self.config.memory_budget_mb,
+            used_mb: st.used_mb,
+            peak_used_mb: st.peak_used_mb,
+            reclaimable_mb: st
+                .idle
+                .values()
+                .flatten()
+                .filter(|i| !i.provisioned)
+                .map(|i| i.sandbox.spec().memory_mb)
+                .sum(),
+            busy: st.busy,
+            idle: st.idle.values().map(|v| v.len() as u64).sum(),
+            provisioned,
+        }
+    }
+
+    /// Idle sandboxes now, with how long each has been idle.
+    #[must_use]
+    pub fn idle_sandboxes(&self) -> Vec<(Key, u64, Duration)> {
+        let now = Instant::now();
+        let st = self.lock();
+        st.idle
+            .iter()
+            .flat_map(|(k, v)| {
+                v.iter().map(move |i| {
+                    (
+                        k.clone(),
+                        i.sandbox.id(),
+                        now.saturating_duration_since(i.sandbox.last_used),
+                    )
+                })
+            })
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -134,6 +273,23 @@ impl Pool {
         self.lock().used_mb
     }
 
+    /// Boots a sandbox of `spec` (its memory already reserved), timing it.
+    async fn boot(&self, spec: &Arc<FunctionSpec>) -> Result<Sandbox, BootError> {
+        let started = Instant::now();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sb = Sandbox::boot(
+            &*self.backend,
+            id,
+            Arc::clone(spec),
+            self.config.init_timeout,
+            self.logs.clone(),
+        )
+        .await?;
+        metrics::histogram!("sluice_sandbox_boot_seconds", "backend" => self.backend.name())
+            .record(started.elapsed().as_secs_f64());
+        Ok(sb)
+    }
+
     /// Runs one invocation of `spec` on a warm sandbox, or a new one.
     ///
     /// # Errors
@@ -146,31 +302,32 @@ impl Pool {
         request_id: &str,
         payload: Vec<u8>,
     ) -> Result<Invocation, PoolError> {
+        self.invoke_preferring(spec, None, request_id, payload)
+            .await
+    }
+
+    /// As [`Pool::invoke`], on idle sandbox `prefer` when it is still idle (the one the worker
+    /// manager claimed for this invocation), else on any idle sandbox of the function (a
+    /// provisioned one first), else on a new one.
+    ///
+    /// # Errors
+    /// As [`Pool::invoke`].
+    pub async fn invoke_preferring(
+        &self,
+        spec: &Arc<FunctionSpec>,
+        prefer: Option<u64>,
+        request_id: &str,
+        payload: Vec<u8>,
+    ) -> Result<Invocation, PoolError> {
         let key: Key = (spec.name.clone(), spec.revision);
-        let (warm, evicted) = self.take_or_reserve(&key, spec.memory_mb)?;
-        for sb in evicted {
-            metrics::counter!("sluice_sandbox_evictions_total").increment(1);
-            tokio::spawn(sb.destroy());
-        }
-        let (mut sandbox, cold_start, init_duration) = match warm {
-            Some(sb) => (sb, false, None),
+        let warm = self.take_idle(&key, prefer);
+        let (mut sandbox, provisioned, cold_start, init_duration) = match warm {
+            Some(i) => (i.sandbox, i.provisioned, false, None),
             None => {
+                self.reserve(spec.memory_mb)?;
                 let started = Instant::now();
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                match Sandbox::boot(
-                    &*self.backend,
-                    id,
-                    Arc::clone(spec),
-                    self.config.init_timeout,
-                    self.logs.clone(),
-                )
-                .await
-                {
-                    Ok(sb) => {
-                        let took = started.elapsed();
-                        metrics::histogram!("sluice_sandbox_boot_seconds", "backend" => self.backend.name()).record(took.as_secs_f64());
-                        (sb, true, Some(took))
-                    }
+                match self.boot(spec).await {
+                    Ok(sb) => (sb, false, true, Some(started.elapsed())),
                     Err(e) => {
                         self.release(spec.memory_mb);
                         return match e {
@@ -201,15 +358,38 @@ impl Pool {
         let started = Instant::now();
         let outcome = sandbox.invoke(request_id, payload, "").await;
         let duration = started.elapsed();
-        if sandbox.is_alive() {
+        let alive = sandbox.is_alive();
+        {
             let mut st = self.lock();
-            st.busy -= 1;
-            st.idle.entry(key).or_default().push(sandbox);
-        } else {
-            self.release(spec.memory_mb);
-            metrics::counter!("sluice_sandbox_replaced_total", "function" => spec.name.clone())
-                .increment(1);
-            tokio::spawn(sandbox.destroy());
+            if provisioned {
+                let p = st.provisioned.entry(key.clone()).or_default();
+                p.1 = p.1.saturating_sub(1);
+                if !alive {
+                    p.0 = p.0.saturating_sub(1);
+                }
+                if *p == (0, 0) {
+                    st.provisioned.remove(&key);
+                }
+            }
+            if alive {
+                st.busy -= 1;
+                let id = sandbox.id();
+                st.idle.entry(key.clone()).or_default().push(IdleSandbox {
+                    sandbox,
+                    provisioned,
+                });
+                drop(st);
+                self.emit(PoolEvent::Idle {
+                    function: key,
+                    sandbox: id,
+                });
+            } else {
+                drop(st);
+                self.release(spec.memory_mb);
+                metrics::counter!("sluice_sandbox_replaced_total", "function" => spec.name.clone())
+                    .increment(1);
+                tokio::spawn(sandbox.destroy());
+            }
         }
         Ok(Invocation {
             outcome,
@@ -219,54 +399,137 @@ impl Pool {
         })
     }
 
-    /// Takes an idle sandbox of `key`, or reserves `memory_mb` for a new one (returning the idle
-    /// sandboxes evicted to make room).
-    fn take_or_reserve(
-        &self,
-        key: &Key,
-        memory_mb: u64,
-    ) -> Result<(Option<Sandbox>, Vec<Sandbox>), PoolError> {
+    /// Takes idle sandbox `prefer` of `key` if it is idle, else any idle one of `key`
+    /// (provisioned first).
+    fn take_idle(&self, key: &Key, prefer: Option<u64>) -> Option<IdleSandbox> {
         let mut st = self.lock();
-        if let Some(sb) = st.idle.get_mut(key).and_then(Vec::pop) {
-            st.busy += 1;
-            return Ok((Some(sb), Vec::new()));
+        let list = st.idle.get(key)?;
+        let pos = prefer
+            .and_then(|id| list.iter().position(|i| i.sandbox.id() == id))
+            .or_else(|| list.iter().rposition(|i| i.provisioned))
+            .or_else(|| list.len().checked_sub(1))?;
+        let taken = st.remove_idle(key, pos);
+        st.busy += 1;
+        if taken.provisioned {
+            st.provisioned.entry(key.clone()).or_default().1 += 1;
         }
+        drop(st);
+        if prefer != Some(taken.sandbox.id()) {
+            // The index may still offer it; the claimed one was already taken out of it.
+            self.emit(PoolEvent::Gone {
+                function: key.clone(),
+                sandbox: taken.sandbox.id(),
+            });
+        }
+        Some(taken)
+    }
+
+    /// Reserves `memory_mb` for a new sandbox of `key`, evicting idle on-demand sandboxes of
+    /// any function (least recently used first) to make room.
+    fn reserve(&self, memory_mb: u64) -> Result<(), PoolError> {
+        let mut st = self.lock();
         let budget = self.config.memory_budget_mb;
         let mut evicted = Vec::new();
         while st.used_mb + memory_mb > budget {
-            // Least recently used idle sandbox of any function.
             let victim = st
                 .idle
                 .iter()
-                .filter_map(|(k, v)| v.first().map(|sb| (k.clone(), sb.last_used)))
-                .min_by_key(|(_, t)| *t)
-                .map(|(k, _)| k);
-            let Some(k) = victim else { break };
-            let st = &mut *st;
-            if let Some(list) = st.idle.get_mut(&k) {
-                let sb = list.remove(0);
-                st.used_mb -= sb.spec().memory_mb;
-                evicted.push(sb);
-                if list.is_empty() {
-                    st.idle.remove(&k);
-                }
-            }
+                .flat_map(|(k, v)| {
+                    v.iter()
+                        .enumerate()
+                        .filter(|(_, i)| !i.provisioned)
+                        .map(move |(pos, i)| (k, pos, i.sandbox.last_used))
+                })
+                .min_by_key(|(_, _, t)| *t)
+                .map(|(k, pos, _)| (k.clone(), pos));
+            let Some((k, pos)) = victim else { break };
+            let i = st.remove_idle(&k, pos);
+            st.used_mb -= i.sandbox.spec().memory_mb;
+            evicted.push((k, i.sandbox));
         }
-        if st.used_mb + memory_mb > budget {
-            let free_mb = budget.saturating_sub(st.used_mb);
-            drop(st);
-            for sb in evicted {
-                tokio::spawn(sb.destroy());
-            }
-            return Err(PoolError::NoCapacity {
+        let fits = st.used_mb + memory_mb <= budget;
+        let free_mb = budget.saturating_sub(st.used_mb);
+        if fits {
+            st.used_mb += memory_mb;
+            st.peak_used_mb = st.peak_used_mb.max(st.used_mb);
+            st.busy += 1;
+        }
+        drop(st);
+        for (k, sb) in evicted {
+            metrics::counter!("sluice_sandbox_evictions_total").increment(1);
+            self.emit(PoolEvent::Gone {
+                function: k,
+                sandbox: sb.id(),
+            });
+            tokio::spawn(sb.destroy());
+        }
+        if fits {
+            Ok(())
+        } else {
+            Err(PoolError::NoCapacity {
                 needed_mb: memory_mb,
                 free_mb,
                 budget_mb: budget,
+            })
+        }
+    }
+
+    /// Boots one provisioned sandbox of `spec`: kept idle for its function, never reaped or
+    /// evicted, until [`Pool::unprovision`].
+    ///
+    /// # Errors
+    /// [`PoolError::NoCapacity`] when the budget has no room; [`PoolError::Boot`] when the
+    /// sandbox cannot be set up or its runtime fails to initialise.
+    pub async fn provision(&self, spec: &Arc<FunctionSpec>) -> Result<(), PoolError> {
+        let key: Key = (spec.name.clone(), spec.revision);
+        self.reserve(spec.memory_mb)?;
+        let sandbox = match self.boot(spec).await {
+            Ok(sb) => sb,
+            Err(e) => {
+                self.release(spec.memory_mb);
+                return Err(PoolError::Boot(e));
+            }
+        };
+        let id = sandbox.id();
+        {
+            let mut st = self.lock();
+            st.busy -= 1;
+            st.provisioned.entry(key.clone()).or_default().0 += 1;
+            st.idle.entry(key.clone()).or_default().push(IdleSandbox {
+                sandbox,
+                provisioned: true,
             });
         }
-        st.used_mb += memory_mb;
-        st.busy += 1;
-        Ok((None, evicted))
+        self.emit(PoolEvent::Idle {
+            function: key,
+            sandbox: id,
+        });
+        Ok(())
+    }
+
+    /// Turns up to `n` idle provisioned sandboxes of `key` into on-demand ones (reaped when idle
+    /// too long); returns how many. Busy ones are left for a later call.
+    pub fn unprovision(&self, key: &Key, n: u32) -> u32 {
+        let mut st = self.lock();
+        let mut done = 0;
+        if let Some(list) = st.idle.get_mut(key) {
+            for i in list.iter_mut().filter(|i| i.provisioned) {
+                if done == n {
+                    break;
+                }
+                i.provisioned = false;
+                done += 1;
+            }
+        }
+        if done > 0 {
+            if let Some(p) = st.provisioned.get_mut(key) {
+                p.0 = p.0.saturating_sub(done);
+                if *p == (0, 0) {
+                    st.provisioned.remove(key);
+                }
+            }
+        }
+        done
     }
 
     /// Returns the memory of a busy sandbox (or of a boot that failed) to the budget.
@@ -279,24 +542,29 @@ impl Pool {
     /// Destroys idle sandboxes unused for longer than the idle timeout; returns how many.
     pub async fn reap_idle(&self) -> usize {
         let now = Instant::now();
-        let victims: Vec<Sandbox> = {
+        let victims: Vec<(Key, Sandbox)> = {
             let mut st = self.lock();
             let mut out = Vec::new();
-            for list in st.idle.values_mut() {
-                let (old, keep): (Vec<_>, Vec<_>) = list
-                    .drain(..)
-                    .partition(|sb| now.duration_since(sb.last_used) >= self.config.idle_timeout);
+            for (key, list) in &mut st.idle {
+                let (old, keep): (Vec<_>, Vec<_>) = list.drain(..).partition(|i| {
+                    !i.provisioned
+                        && now.duration_since(i.sandbox.last_used) >= self.config.idle_timeout
+                });
                 *list = keep;
-                out.extend(old);
+                out.extend(old.into_iter().map(|i| (key.clone(), i.sandbox)));
             }
             st.idle.retain(|_, v| !v.is_empty());
-            for sb in &out {
+            for (_, sb) in &out {
                 st.used_mb = st.used_mb.saturating_sub(sb.spec().memory_mb);
             }
             out
         };
         let n = victims.len();
-        for sb in victims {
+        for (key, sb) in victims {
+            self.emit(PoolEvent::Gone {
+                function: key,
+                sandbox: sb.id(),
+            });
             sb.destroy().await;
         }
         if n > 0 {
@@ -324,17 +592,26 @@ impl Pool {
         self.shutdown().await;
     }
 
-    /// Destroys every idle sandbox.
+    /// Destroys every idle sandbox, provisioned ones included.
     pub async fn shutdown(&self) {
-        let all: Vec<Sandbox> = {
+        let all: Vec<(Key, Sandbox)> = {
             let mut st = self.lock();
-            let all: Vec<Sandbox> = st.idle.drain().flat_map(|(_, v)| v).collect();
-            for sb in &all {
+            let all: Vec<(Key, Sandbox)> = st
+                .idle
+                .drain()
+                .flat_map(|(k, v)| v.into_iter().map(move |i| (k.clone(), i.sandbox)))
+                .collect();
+            st.provisioned.clear();
+            for (_, sb) in &all {
                 st.used_mb = st.used_mb.saturating_sub(sb.spec().memory_mb);
             }
             all
         };
-        for sb in all {
+        for (key, sb) in all {
+            self.emit(PoolEvent::Gone {
+                function: key,
+                sandbox: sb.id(),
+            });
             sb.destroy().await;
         }
     }

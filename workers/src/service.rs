@@ -1,0 +1,261 @@
+//! [`WorkerService`]: the worker role. It runs invocations that the worker manager or placement
+//! sent to this node on its [`Pool`], whether they came over the network
+//! ([`crate::remote`]) or from the same process, and boots provisioned sandboxes.
+//! It does not count concurrency: the caller holds the slot.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_core::invoke::{FunctionResult, InvokeError};
+use sluice_core::kafka::KafkaSettings;
+use sluice_core::model::FunctionConfig;
+use sluice_core::store::{ConfigStore, Versioned};
+
+use crate::pool::{Pool, PoolError};
+use crate::sandbox::{FunctionSpec, InvokeOutcome};
+
+/// How long a worker waits for its configuration view to reach the revision a caller saw.
+const VIEW_CATCH_UP: Duration = Duration::from_secs(3);
+
+/// Account identity used in function ARNs.
+#[derive(Debug, Clone)]
+pub struct AccountIdentity {
+    /// Region, e.g. `us-east-1`.
+    pub region: String,
+    /// Account id.
+    pub account_id: String,
+    /// Account concurrency limit.
+    pub concurrency_limit: u32,
+}
+
+impl AccountIdentity {
+    /// The ARN of function `name`.
+    #[must_use]
+    pub fn function_arn(&self, name: &str) -> String {
+        format!(
+            "arn:aws:lambda:{}:{}:function:{name}",
+            self.region, self.account_id
+        )
+    }
+}
+
+/// One invocation for this worker.
+#[derive(Debug, Clone)]
+pub struct WorkerRequest {
+    /// Function name.
+    pub function: String,
+    /// The configuration revision the caller saw (the worker waits until its view has it).
+    pub revision: u64,
+    /// The idle sandbox the worker manager claimed for it, if any.
+    pub sandbox: Option<u64>,
+    /// Request id.
+    pub request_id: String,
+    /// Trace id (may be empty).
+    pub trace_id: String,
+    /// The event.
+    pub payload: Vec<u8>,
+}
+
+/// What the worker did with it.
+#[derive(Debug, Clone)]
+pub struct WorkerResult {
+    /// What the function returned.
+    pub result: FunctionResult,
+    /// Time in the function.
+    pub duration: Duration,
+    /// Whether a sandbox was booted for it.
+    pub cold_start: bool,
+    /// Boot time, on a cold start.
+    pub init_duration: Option<Duration>,
+}
+
+/// The worker role of a node.
+#[derive(Clone)]
+pub struct WorkerService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: String,
+    pool: Pool,
+    store: ConfigStore,
+    account: AccountIdentity,
+    /// Kafka and the local cache directory, for code kept in the code topic.
+    code: Option<(KafkaSettings, PathBuf)>,
+}
+
+impl WorkerService {
+    /// Worker `id` running on `pool`.
+    #[must_use]
+    pub fn new(id: String, pool: Pool, store: ConfigStore, account: AccountIdentity) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                id,
+                pool,
+                store,
+                account,
+                code: None,
+            }),
+        }
+    }
+
+    /// Lets the worker fetch code kept in Kafka (`Code.ZipFile`) into `cache`.
+    #[must_use]
+    pub fn with_code_store(self, kafka: KafkaSettings, cache: PathBuf) -> Self {
+        let inner = Inner {
+            id: self.inner.id.clone(),
+            pool: self.inner.pool.clone(),
+            store: self.inner.store.clone(),
+            account: self.inner.account.clone(),
+            code: Some((kafka, cache)),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// This worker's node id.
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Its pool.
+    #[must_use]
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// Its configuration view.
+    #[must_use]
+    pub fn store(&self) -> &ConfigStore {
+        &self.inner.store
+    }
+
+    /// The function `name` at `min_revision` or later, waiting briefly for this node's view.
+    async fn function(
+        &self,
+        name: &str,
+        min_revision: u64,
+    ) -> Result<Versioned<FunctionConfig>, InvokeError> {
+        let store = &self.inner.store;
+        let deadline = Instant::now() + VIEW_CATCH_UP;
+        let mut changes = store.changes();
+        loop {
+            let found = store.function(name);
+            if let Some(f) = &found {
+                if f.revision >= min_revision {
+                    return Ok(found.expect("just matched"));
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, changes.changed()).await.is_err() {
+                return Err(match found {
+                    None if min_revision == 0 => {
+                        InvokeError::NotFound(self.inner.account.function_arn(name))
+                    }
+                    _ => InvokeError::Service(format!(
+                        "worker {} has not seen revision {min_revision} of function {name} \
+                         within {VIEW_CATCH_UP:?}",
+                        self.inner.id
+                    )),
+                });
+            }
+        }
+    }
+
+    /// What a sandbox of `f` needs: its code on this node, limits and environment.
+    async fn spec(&self, f: &Versioned<FunctionConfig>) -> Result<FunctionSpec, InvokeError> {
+        let c = &f.object;
+        let task_dir: PathBuf = match (&c.code.path, &c.code.stored, &self.inner.code) {
+            (Some(path), _, _) => path.into(),
+            (None, Some(stored), Some((kafka, cache))) => {
+                let (kafka, cache, stored) = (kafka.clone(), cache.clone(), stored.clone());
+                tokio::task::spawn_blocking(move || {
+                    sluice_core::code::fetch_and_unpack(&kafka, &stored, &cache)
+                })
+                .await
+                .map_err(|e| InvokeError::Service(e.to_string()))?
+                .map_err(|e| InvokeError::Service(e.to_string()))?
+            }
+            _ => {
+                return Err(InvokeError::Config(format!(
+                    "function {} has no code this node can reach",
+                    c.function_name
+                )))
+            }
+        };
+        Ok(FunctionSpec {
+            name: c.function_name.clone(),
+            revision: f.revision,
+            task_dir,
+            memory_mb: u64::try_from(c.memory_size).unwrap_or(128),
+            timeout: Duration::from_secs(u64::try_from(c.timeout).unwrap_or(3)),
+            environment: c
+                .environment
+                .as_ref()
+                .map(|e| e.variables.clone().into_iter().collect())
+                .unwrap_or_default(),
+            handler: c.handler.clone(),
+            arn: self.inner.account.function_arn(&c.function_name),
+            region: self.inner.account.region.clone(),
+        })
+    }
+
+    /// Runs `req` on the claimed sandbox, another idle one, or a new one.
+    ///
+    /// # Errors
+    /// [`InvokeError::NoCapacity`] when this node's memory budget has no room;
+    /// [`InvokeError::NotFound`], [`InvokeError::Config`], [`InvokeError::Service`] otherwise.
+    /// Function failures are [`FunctionResult::Err`].
+    pub async fn invoke(&self, req: WorkerRequest) -> Result<WorkerResult, InvokeError> {
+        let f = self.function(&req.function, req.revision).await?;
+        let spec = Arc::new(self.spec(&f).await?);
+        // On its own task: a caller that goes away (a dropped connection) must not abandon a
+        // sandbox in the middle of an invocation.
+        let pool = self.inner.pool.clone();
+        let (sandbox, request_id) = (req.sandbox, req.request_id.clone());
+        let inv = tokio::spawn(async move {
+            pool.invoke_preferring(&spec, sandbox, &request_id, req.payload)
+                .await
+        })
+        .await
+        .map_err(|e| InvokeError::Service(format!("invocation task failed: {e}")))?
+        .map_err(|e| match e {
+            e @ PoolError::NoCapacity { .. } => InvokeError::NoCapacity(e.to_string()),
+            e @ PoolError::Boot(_) => InvokeError::Service(e.to_string()),
+        })?;
+        metrics::counter!("sluice_worker_invocations_total", "function" => req.function.clone())
+            .increment(1);
+        let result = match &inv.outcome {
+            InvokeOutcome::Response(p) => FunctionResult::Ok(p.clone()),
+            other => {
+                let (error_type, payload) = other.error(&req.request_id).unwrap_or_default();
+                FunctionResult::Err {
+                    error_type,
+                    payload,
+                }
+            }
+        };
+        Ok(WorkerResult {
+            result,
+            duration: inv.duration,
+            cold_start: inv.cold_start,
+            init_duration: inv.init_duration,
+        })
+    }
+
+    /// Boots one provisioned sandbox of function `name` (its current configuration).
+    ///
+    /// # Errors
+    /// As [`WorkerService::invoke`]; an init error is a [`InvokeError::Service`] here.
+    pub async fn provision(&self, name: &str) -> Result<(), InvokeError> {
+        let f = self.function(name, 0).await?;
+        let spec = Arc::new(self.spec(&f).await?);
+        self.inner.pool.provision(&spec).await.map_err(|e| match e {
+            e @ PoolError::NoCapacity { .. } => InvokeError::NoCapacity(e.to_string()),
+            e @ PoolError::Boot(_) => InvokeError::Service(e.to_string()),
+        })
+    }
+}
