@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sluice_tests::functions::Bundle;
 use sluice_workers::jail::{JailBackend, JailConfig};
-use sluice_workers::{FunctionSpec, InvokeOutcome, Pool, PoolConfig, PoolError};
+use sluice_workers::{FunctionSpec, InvokeOutcome, Pool, PoolConfig, PoolError, PoolEvent};
 
 fn pool(budget_mb: u64, idle_timeout: Duration) -> Pool {
     let backend = JailBackend::new(JailConfig::detect()).expect("jail backend");
@@ -175,4 +175,97 @@ async fn an_init_error_is_the_invocations_outcome() {
     };
     assert_eq!(error_type, "Runtime.ConfigError");
     assert_eq!(pool.used_mb(), 0);
+}
+
+#[tokio::test]
+async fn provisioned_sandboxes_outlive_the_idle_timeout_serve_first_and_are_never_evicted() {
+    let pool = pool(256, Duration::from_millis(200));
+    let bundle = Bundle::of("fn-misbehave");
+    let f = spec("pc", &bundle, Duration::from_secs(3));
+    let key = ("pc".to_owned(), f.revision);
+    pool.provision(&f).await.expect("provision");
+    pool.provision(&f).await.expect("provision");
+    assert_eq!(pool.stats().provisioned, vec![(key.clone(), 2, 0)]);
+    assert_eq!(pool.used_mb(), 256);
+
+    // Past the idle timeout the reaper keeps them.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(pool.reap_idle().await, 0);
+    assert_eq!(pool.idle_count(), 2);
+
+    // They serve without a cold start.
+    let out = pool.invoke(&f, "r1", b"{}".to_vec()).await.expect("invoke");
+    assert!(!out.cold_start);
+
+    // A budget full of provisioned sandboxes refuses another function rather than evict them.
+    let other = spec("other", &bundle, Duration::from_secs(3));
+    assert!(matches!(
+        pool.invoke(&other, "r2", b"{}".to_vec()).await,
+        Err(PoolError::NoCapacity { .. })
+    ));
+    assert_eq!(pool.stats().provisioned, vec![(key.clone(), 2, 0)]);
+
+    // Released, they become ordinary idle sandboxes and the reaper takes them.
+    assert_eq!(pool.unprovision(&key, 5), 2);
+    assert!(pool.stats().provisioned.is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pool.reap_idle().await, 2);
+    assert_eq!(pool.used_mb(), 0);
+}
+
+#[tokio::test]
+async fn pool_events_tell_the_index_which_sandboxes_are_idle() {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let pool = pool(1024, Duration::from_secs(60)).with_events(tx);
+    let bundle = Bundle::of("fn-misbehave");
+    let f = spec("ev", &bundle, Duration::from_secs(3));
+    let key = ("ev".to_owned(), f.revision);
+    pool.invoke(&f, "r1", b"{}".to_vec()).await.expect("invoke");
+    let Some(PoolEvent::Idle { function, sandbox }) = rx.recv().await else {
+        panic!("the booted sandbox is announced idle")
+    };
+    assert_eq!(function, key);
+
+    // Taken as the claimed sandbox: it was already out of the index, so only its return shows.
+    pool.invoke_preferring(&f, Some(sandbox), "r2", b"{}".to_vec())
+        .await
+        .expect("invoke");
+    assert_eq!(
+        rx.recv().await,
+        Some(PoolEvent::Idle {
+            function: key.clone(),
+            sandbox
+        })
+    );
+
+    // Taken without a claim: withdrawn first, offered again after.
+    pool.invoke(&f, "r3", b"{}".to_vec()).await.expect("invoke");
+    assert_eq!(
+        rx.recv().await,
+        Some(PoolEvent::Gone {
+            function: key.clone(),
+            sandbox
+        })
+    );
+    assert_eq!(
+        rx.recv().await,
+        Some(PoolEvent::Idle {
+            function: key.clone(),
+            sandbox
+        })
+    );
+
+    // A crash takes it away for good.
+    pool.invoke(&f, "r4", br#"{"action":"exit"}"#.to_vec())
+        .await
+        .expect("invoke");
+    assert_eq!(
+        rx.recv().await,
+        Some(PoolEvent::Gone {
+            function: key.clone(),
+            sandbox
+        })
+    );
+    assert!(rx.try_recv().is_err(), "no Idle for a dead sandbox");
+    pool.shutdown().await;
 }
