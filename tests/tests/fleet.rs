@@ -15,10 +15,13 @@ use sluice_tests::node::Node;
 use sluice_tests::redis::RedisServer;
 
 struct Fleet {
+    /// The nodes without the worker role.
     fronts: Vec<Node>,
     workers: Vec<Node>,
     http: reqwest::Client,
     prefix: String,
+    /// How many of `fronts` serve the Lambda API (they come first).
+    api_nodes: usize,
     _redis: RedisServer,
     bundle: Bundle,
 }
@@ -37,9 +40,9 @@ fn request_ids(records: &[(String, Vec<u8>)]) -> HashSet<String> {
         .collect()
 }
 
-/// `fronts` front ends (the first also runs the pollers) and `workers` worker-only nodes, each
-/// with `budget_mb` of sandbox memory.
-fn fleet(fronts: usize, workers: usize, budget_mb: u64) -> Fleet {
+/// Nodes with `roles` (one entry per node; those serving the Lambda API come first) and
+/// `workers` worker-only nodes, each with `budget_mb` of sandbox memory.
+fn fleet(roles: &[&str], workers: usize, budget_mb: u64) -> Fleet {
     let redis = RedisServer::start();
     let prefix = unique_name("fl").replace('-', "");
     let budget = budget_mb.to_string();
@@ -52,21 +55,17 @@ fn fleet(fronts: usize, workers: usize, budget_mb: u64) -> Fleet {
     let workers: Vec<Node> = (0..workers)
         .map(|i| start(format!("{prefix}-w{i}"), "worker"))
         .collect();
-    let fronts: Vec<Node> = (0..fronts)
-        .map(|i| {
-            let roles = if i == 0 {
-                "frontend,poller"
-            } else {
-                "frontend"
-            };
-            start(format!("{prefix}-f{i}"), roles)
-        })
+    let fronts: Vec<Node> = roles
+        .iter()
+        .enumerate()
+        .map(|(i, roles)| start(format!("{prefix}-f{i}"), roles))
         .collect();
     Fleet {
         fronts,
         workers,
         http: reqwest::Client::new(),
         prefix,
+        api_nodes: roles.iter().take_while(|r| r.contains("frontend")).count(),
         _redis: redis,
         bundle: Bundle::of("fn-misbehave"),
     }
@@ -97,7 +96,7 @@ impl Fleet {
             r.text().await.unwrap_or_default()
         );
         // Every front end must see it before it is invoked there.
-        for f in 1..self.fronts.len() {
+        for f in 1..self.api_nodes {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let r = self
@@ -213,7 +212,8 @@ where
 
 #[tokio::test]
 async fn invocations_run_on_workers_and_warm_sandboxes_are_shared_by_every_front_end() {
-    let fl = fleet(2, 2, 1024);
+    // Two front ends, a poller-only node, two workers.
+    let fl = fleet(&["frontend", "frontend", "poller"], 2, 1024);
     fl.create("shared").await;
     let ok_topic = fl.on_success("shared").await;
 
@@ -242,7 +242,7 @@ async fn invocations_run_on_workers_and_warm_sandboxes_are_shared_by_every_front
         5.0
     );
 
-    // Async events, taken by the poller on the first front end, run there too.
+    // Async events, taken by the poller node, run on the workers too.
     let mut ids = HashSet::new();
     for i in 0..10 {
         ids.insert(
@@ -253,6 +253,13 @@ async fn invocations_run_on_workers_and_warm_sandboxes_are_shared_by_every_front
     let recs = read_until(&ok_topic, Duration::from_secs(60), |r| r.len() >= 10).await;
     let got = request_ids(&recs);
     assert_eq!(got, ids);
+    assert_eq!(
+        fl.fronts[2]
+            .metric("sluice_invocations_total", "function=\"shared\"")
+            .await,
+        10.0,
+        "the poller node invoked the events"
+    );
 
     // Every invocation ran on a worker: the front ends have no sandboxes.
     let ran: f64 = fl
@@ -270,7 +277,7 @@ async fn invocations_run_on_workers_and_warm_sandboxes_are_shared_by_every_front
 #[tokio::test]
 async fn a_worker_killed_mid_invoke_loses_nothing() {
     // Room for every invocation on either worker alone.
-    let mut fl = fleet(1, 2, 4096);
+    let mut fl = fleet(&["frontend,poller"], 2, 4096);
     fl.create("slow").await;
     let ok_topic = fl.on_success("slow").await;
     let sleep = json!({ "action": "sleep", "ms": 2500 });
@@ -349,7 +356,7 @@ async fn wait_provisioned(fl: &Fleet, what: &str) {
 
 #[tokio::test]
 async fn provisioned_concurrency_keeps_four_booted_across_a_worker_restart() {
-    let mut fl = fleet(1, 2, 2048);
+    let mut fl = fleet(&["frontend,poller"], 2, 2048);
     fl.create("pc").await;
     let r = fl
         .http
@@ -409,7 +416,7 @@ async fn provisioned_concurrency_keeps_four_booted_across_a_worker_restart() {
 
 #[tokio::test]
 async fn a_burst_of_100_cold_starts_never_exceeds_a_workers_budget() {
-    let fl = fleet(1, 2, 512);
+    let fl = fleet(&["frontend,poller"], 2, 512);
     fl.create("burst").await;
     let mut calls = Vec::new();
     for _ in 0..100 {
