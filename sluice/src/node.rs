@@ -310,50 +310,44 @@ pub async fn start(
             .clone()
             .run_fleet_refresh(Duration::from_millis(500), cancel.child_token()),
     );
-    let invoker: Option<Arc<dyn Invoker>> = Some(Arc::new(cluster));
+    let invoker: Arc<dyn Invoker> = Arc::new(cluster);
 
     if args.roles.contains(&Role::Poller) {
-        match &invoker {
-            Some(invoker) => {
-                let destinations =
-                    DestinationWriter::new(kafka.clone(), events.producer().clone(), 1);
-                let poller = AsyncPoller::new(
-                    async_cfg.clone(),
-                    kafka.clone(),
-                    store.clone(),
-                    Arc::clone(invoker),
-                    events.clone(),
-                    destinations,
-                    redis.clone(),
-                    node_id.clone(),
-                );
-                poller
-                    .ensure_topics()
-                    .await
-                    .context("create the async queue topics")?;
-                let streams = StreamTracker::new(
-                    StreamConfig {
-                        node_id: node_id.clone(),
-                        redis_prefix: args.redis_prefix.clone(),
-                        lease_ttl: args.lease_ttl,
-                        function_arn_prefix: account.function_arn(""),
-                    },
-                    kafka.clone(),
-                    store.clone(),
-                    Arc::clone(invoker),
-                    DestinationWriter::new(kafka.clone(), events.producer().clone(), 1),
-                    redis.clone(),
-                );
-                tracker.spawn(streams.run(cancel.child_token()));
-                let cancel = cancel.child_token();
-                tracker.spawn(async move {
-                    if let Err(e) = poller.run(cancel).await {
-                        tracing::error!(error = %e, "async poller stopped");
-                    }
-                });
+        let destinations = DestinationWriter::new(kafka.clone(), events.producer().clone(), 1);
+        let poller = AsyncPoller::new(
+            async_cfg.clone(),
+            kafka.clone(),
+            store.clone(),
+            Arc::clone(&invoker),
+            events.clone(),
+            destinations,
+            redis.clone(),
+            node_id.clone(),
+        );
+        poller
+            .ensure_topics()
+            .await
+            .context("create the async queue topics")?;
+        let streams = StreamTracker::new(
+            StreamConfig {
+                node_id: node_id.clone(),
+                redis_prefix: args.redis_prefix.clone(),
+                lease_ttl: args.lease_ttl,
+                function_arn_prefix: account.function_arn(""),
+            },
+            kafka.clone(),
+            store.clone(),
+            Arc::clone(&invoker),
+            DestinationWriter::new(kafka.clone(), events.producer().clone(), 1),
+            redis.clone(),
+        );
+        tracker.spawn(streams.run(cancel.child_token()));
+        let cancel = cancel.child_token();
+        tracker.spawn(async move {
+            if let Err(e) = poller.run(cancel).await {
+                tracing::error!(error = %e, "async poller stopped");
             }
-            None => unreachable!("every node has an invoker"),
-        }
+        });
     }
 
     // Every node serves `/metrics` and `/healthz` on --api; the frontend role adds the Lambda API.
@@ -362,7 +356,7 @@ pub async fn start(
         let state = ApiState {
             store: store.clone(),
             account: account.clone(),
-            invoker: invoker.clone(),
+            invoker: Some(invoker),
             events: Some(events.clone()),
             async_topic: async_cfg.queue_topic.clone(),
             kafka: Some(kafka.clone()),

@@ -3,6 +3,7 @@
 //! provisioned-concurrency reconciler.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -25,6 +26,9 @@ pub struct WorkerNode {
     registry: WorkerRegistry,
     index: IdleIndex,
     addr: String,
+    /// The last provisioning failure per function, so that a failure repeating every pass is
+    /// logged once at WARN.
+    provision_failures: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl WorkerNode {
@@ -41,6 +45,7 @@ impl WorkerNode {
             registry,
             index,
             addr,
+            provision_failures: Arc::default(),
         }
     }
 
@@ -191,6 +196,12 @@ impl WorkerNode {
         }
     }
 
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.provision_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// One pass of the provisioned-concurrency reconciler.
     ///
     /// # Errors
@@ -243,13 +254,19 @@ impl WorkerNode {
                 match self.service.provision(&key.0).await {
                     Ok(()) => {
                         have += 1;
+                        self.failures().remove(&key.0);
                         metrics::counter!("sluice_provisioned_boots_total", "function" => key.0.clone())
                             .increment(1);
                     }
                     Err(e) => {
                         metrics::counter!("sluice_provisioned_failures_total", "function" => key.0.clone())
                             .increment(1);
-                        tracing::warn!(function = %key.0, error = %e, have, want, "could not boot a provisioned sandbox");
+                        let message = e.to_string();
+                        if self.failures().insert(key.0.clone(), message.clone()) == Some(message) {
+                            tracing::debug!(function = %key.0, error = %e, have, want, "could not boot a provisioned sandbox (again)");
+                        } else {
+                            tracing::warn!(function = %key.0, error = %e, have, want, "could not boot a provisioned sandbox; retrying every pass");
+                        }
                         break;
                     }
                 }
