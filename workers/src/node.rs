@@ -241,9 +241,11 @@ impl WorkerNode {
             .into_iter()
             .map(|(k, all, _)| (k, all))
             .collect();
+        let mut changed = false;
         for (key, all) in &have {
             let want = desired.get(key).copied().unwrap_or(0);
             if *all > want {
+                changed = true;
                 let n = pool.unprovision(key, all - want);
                 tracing::info!(function = %key.0, revision = key.1, released = n, "provisioned concurrency lowered");
             }
@@ -254,6 +256,7 @@ impl WorkerNode {
                 match self.service.provision(&key.0).await {
                     Ok(()) => {
                         have += 1;
+                        changed = true;
                         self.failures().remove(&key.0);
                         metrics::counter!("sluice_provisioned_boots_total", "function" => key.0.clone())
                             .increment(1);
@@ -271,6 +274,10 @@ impl WorkerNode {
                     }
                 }
             }
+        }
+        if changed {
+            // Publish at once: GetProvisionedConcurrencyConfig reads READY from the registry.
+            self.heartbeat().await?;
         }
         Ok(())
     }
