@@ -87,6 +87,7 @@ async fn run_inner(args: &DevArgs, started: &mut Vec<Service>) -> anyhow::Result
         worker_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         worker_advertise: None,
         worker_ttl: Duration::from_secs(5),
+        worker_token: None,
         sandbox_idle_timeout: Duration::from_secs(300),
     };
     let cancel = CancellationToken::new();

@@ -121,6 +121,16 @@ pub struct NodeArgs {
     /// TTL): a dead worker stops being offered warm sandboxes or new ones after this long.
     #[arg(long, env = "SLUICE_WORKER_TTL", default_value = "5s", value_parser = parse_duration)]
     pub worker_ttl: Duration,
+    /// A shared secret between the nodes: workers run only invocations that carry it, and every
+    /// node sends it. Set the same value on every node whenever the worker API is reachable from
+    /// outside the cluster's private network.
+    #[arg(
+        long,
+        env = "SLUICE_WORKER_TOKEN",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub worker_token: Option<String>,
     /// Idle sandboxes are destroyed after this long (provisioned ones are kept).
     #[arg(long, env = "SLUICE_SANDBOX_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub sandbox_idle_timeout: Duration,
@@ -300,6 +310,7 @@ pub async fn start(
         index,
         local,
         init_timeout,
+        worker_token: args.worker_token.clone(),
     })
     .context("set up the worker client")?;
     if let Err(e) = cluster.refresh_fleet().await {
@@ -419,7 +430,7 @@ async fn start_worker(
         .clone()
         .unwrap_or_else(|| bound.to_string());
     info!(listen = %bound, advertise = %addr, "worker API listening");
-    let app = remote::router(service.clone());
+    let app = remote::router(service.clone(), args.worker_token.clone());
     let stop = cancel.clone();
     tracker.spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());

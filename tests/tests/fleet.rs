@@ -13,6 +13,7 @@ use sluice_tests::functions::Bundle;
 use sluice_tests::kafka::{bootstrap, read_until, unique_name};
 use sluice_tests::node::Node;
 use sluice_tests::redis::RedisServer;
+use sluice_workers::registry::WorkerRegistry;
 
 struct Fleet {
     /// The nodes without the worker role.
@@ -25,6 +26,8 @@ struct Fleet {
     _redis: RedisServer,
     bundle: Bundle,
 }
+
+const WORKER_TOKEN: &str = "fleet-test-secret";
 
 /// Request ids of Lambda invocation records.
 fn request_ids(records: &[(String, Vec<u8>)]) -> HashSet<String> {
@@ -49,6 +52,7 @@ fn fleet(roles: &[&str], workers: usize, budget_mb: u64) -> Fleet {
     let start = |id: String, roles: &str| {
         let mut args: Vec<&str> = sluice_tests::node::FAST_RETRIES.to_vec();
         args.extend(["--worker-ttl", "2s", "--node-id", &id, "--roles", roles]);
+        args.extend(["--worker-token", WORKER_TOKEN]);
         args.extend(["--memory-budget-mb", &budget]);
         Node::start(&bootstrap(), &redis.url(), &prefix, &args)
     };
@@ -272,6 +276,35 @@ async fn invocations_run_on_workers_and_warm_sandboxes_are_shared_by_every_front
         fl.front_metric("sluice_worker_invocations_total", "").await,
         0.0
     );
+
+    // The workers are registered in Redis, and their API runs nothing without the token.
+    let registry = WorkerRegistry::new(
+        fl._redis.connect().await,
+        format!("{}:", fl.prefix),
+        Duration::from_secs(2),
+    );
+    let workers = registry.list().await.expect("registry");
+    assert_eq!(workers.len(), 2);
+    assert!(workers
+        .iter()
+        .all(|w| w.backend == "jail" && w.budget_mb == 1024));
+    for token in [None, Some("wrong")] {
+        let mut req = fl
+            .http
+            .post(format!(
+                "http://{}/sluice/worker/v1/invoke",
+                workers[0].addr
+            ))
+            .header("x-sluice-function", "shared")
+            .header("x-sluice-revision", "0")
+            .header("x-sluice-request-id", "intruder")
+            .body("{}");
+        if let Some(t) = token {
+            req = req.header("x-sluice-worker-token", t);
+        }
+        let r = req.send().await.expect("worker API");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
 }
 
 #[tokio::test]

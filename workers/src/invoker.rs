@@ -70,6 +70,8 @@ pub struct ClusterParts {
     pub local: Option<WorkerService>,
     /// Longest a runtime may take to initialise (part of the remote deadline).
     pub init_timeout: Duration,
+    /// The shared secret the workers' API requires (`--worker-token`).
+    pub worker_token: Option<String>,
 }
 
 impl ClusterInvoker {
@@ -85,7 +87,7 @@ impl ClusterInvoker {
                 account: parts.account,
                 registry: parts.registry,
                 index: parts.index,
-                client: RemoteClient::new()?,
+                client: RemoteClient::new(parts.worker_token)?,
                 local: parts.local,
                 init_timeout: parts.init_timeout,
                 fleet: watch::Sender::new(Arc::new(Vec::new())),

@@ -29,15 +29,44 @@ pub const MAX_REMOTE_BODY_BYTES: usize = 6 * 1024 * 1024 + 256 * 1024;
 
 const INVOKE_PATH: &str = "/sluice/worker/v1/invoke";
 
-/// The worker API's routes.
-pub fn router(service: WorkerService) -> Router {
+const TOKEN_HEADER: &str = "x-sluice-worker-token";
+
+/// The worker API's routes. With a `token`, every invoke must carry it in
+/// `x-sluice-worker-token` (else 401): only nodes given the same `--worker-token` may run
+/// functions here.
+pub fn router(service: WorkerService, token: Option<String>) -> Router {
     Router::new()
         .route(
             INVOKE_PATH,
             post(invoke).layer(DefaultBodyLimit::max(MAX_REMOTE_BODY_BYTES)),
         )
+        .route_layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let token = token.clone();
+                async move {
+                    let given = header(req.headers(), TOKEN_HEADER);
+                    match &token {
+                        Some(t) if given.is_none_or(|g| !constant_time_eq(g, t)) => refusal(
+                            StatusCode::UNAUTHORIZED,
+                            "unauthorized",
+                            format!("a valid {TOKEN_HEADER} is required (--worker-token)"),
+                        ),
+                        _ => next.run(req).await,
+                    }
+                }
+            },
+        ))
         .route("/sluice/worker/v1/health", get(|| async { "ok\n" }))
         .with_state(service)
+}
+
+/// Compares without stopping at the first difference (no timing hint about the token).
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -178,20 +207,21 @@ impl RemoteError {
 #[derive(Clone)]
 pub struct RemoteClient {
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl RemoteClient {
-    /// A client with keep-alive connections.
+    /// A client with keep-alive connections that sends `token` to the workers.
     ///
     /// # Errors
     /// When the HTTP client cannot be built (TLS or resolver set-up).
-    pub fn new() -> Result<Self, reqwest::Error> {
+    pub fn new(token: Option<String>) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()?;
-        Ok(Self { http })
+        Ok(Self { http, token })
     }
 
     /// Sends `req` to worker `worker` at `addr` and waits up to `deadline` for the answer.
@@ -216,6 +246,9 @@ impl RemoteClient {
             .body(req.payload.clone());
         if let Some(sb) = req.sandbox {
             builder = builder.header("x-sluice-sandbox", sb);
+        }
+        if let Some(t) = &self.token {
+            builder = builder.header(TOKEN_HEADER, t);
         }
         let classify = |source: reqwest::Error| {
             if source.is_timeout() {
@@ -272,6 +305,9 @@ impl RemoteClient {
                     InvokeError::NoCapacity(format!("worker {worker}: {message}"))
                 }
                 Some("config") => InvokeError::Config(message),
+                Some("unauthorized") => InvokeError::Service(format!(
+                    "worker {worker} refused this node's worker token: {message}"
+                )),
                 _ => InvokeError::Service(format!("worker {worker}: {message}")),
             }));
         }
@@ -294,5 +330,18 @@ impl RemoteClient {
             cold_start: h("x-sluice-cold-start") == Some("true"),
             init_duration: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq("s3cret", "s3cret"));
+        assert!(!constant_time_eq("s3cret", "s3creT"));
+        assert!(!constant_time_eq("s3cret", "s3cret!"));
+        assert!(!constant_time_eq("", "x"));
     }
 }
