@@ -37,9 +37,8 @@ async fn fifty_callers_claim_twenty_idle_sandboxes_each_exactly_once() {
     let (registry, index) = parts(&server, Duration::from_secs(10)).await;
     registry.heartbeat(&info("w1")).await.expect("heartbeat");
     let key = ("f".to_owned(), 3);
-    for sb in 0..20 {
-        index.announce("w1", &key, sb).await.expect("announce");
-    }
+    let idle: Vec<_> = (0..20).map(|sb| (key.clone(), sb)).collect();
+    index.announce_many("w1", &idle).await.expect("announce");
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let index = index.clone();

@@ -94,19 +94,37 @@ impl IdleIndex {
         function: &Key,
         sandbox: u64,
     ) -> Result<(), redis::RedisError> {
-        let key = self.set_key(function);
-        let mut conn = self.redis.clone();
-        redis::pipe()
-            .cmd("SADD")
-            .arg(&key)
-            .arg(format!("{worker}/{sandbox}"))
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(u64::try_from(IDLE_SET_TTL.as_millis()).unwrap_or(u64::MAX))
-            .ignore()
-            .query_async(&mut conn)
+        self.announce_many(worker, &[(function.clone(), sandbox)])
             .await
+    }
+
+    /// Offers several sandboxes of `worker` in one round trip.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn announce_many(
+        &self,
+        worker: &str,
+        sandboxes: &[(Key, u64)],
+    ) -> Result<(), redis::RedisError> {
+        if sandboxes.is_empty() {
+            return Ok(());
+        }
+        let ttl_ms = u64::try_from(IDLE_SET_TTL.as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        for (function, sandbox) in sandboxes {
+            let key = self.set_key(function);
+            pipe.cmd("SADD")
+                .arg(&key)
+                .arg(format!("{worker}/{sandbox}"))
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(ttl_ms)
+                .ignore();
+        }
+        let mut conn = self.redis.clone();
+        pipe.query_async(&mut conn).await
     }
 
     /// Stops offering sandbox `sandbox` of `worker`.

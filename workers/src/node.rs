@@ -160,10 +160,16 @@ impl WorkerNode {
                     }
                 }
                 _ = tick.tick() => {
-                    for (key, sandbox, idle_for) in self.service.pool().idle_sandboxes() {
-                        if idle_for >= REANNOUNCE_AFTER {
-                            let _ = self.index.announce(&me, &key, sandbox).await;
-                        }
+                    let idle: Vec<(Key, u64)> = self
+                        .service
+                        .pool()
+                        .idle_sandboxes()
+                        .into_iter()
+                        .filter(|(_, _, idle_for)| *idle_for >= REANNOUNCE_AFTER)
+                        .map(|(key, sandbox, _)| (key, sandbox))
+                        .collect();
+                    if let Err(e) = self.index.announce_many(&me, &idle).await {
+                        tracing::warn!(error = %e, "could not re-offer idle sandboxes");
                     }
                 }
                 () = cancel.cancelled() => {
@@ -207,15 +213,15 @@ impl WorkerNode {
     /// # Errors
     /// [`RegistryError`] when the registry cannot be read.
     pub async fn reconcile_provisioned(&self) -> Result<(), RegistryError> {
-        let workers: Vec<String> = self
+        let workers: Vec<(String, u64)> = self
             .registry
             .list()
             .await?
             .into_iter()
-            .map(|w| w.id)
+            .map(|w| (w.id, w.budget_mb))
             .collect();
         let me = self.service.id();
-        if !workers.iter().any(|w| w == me) {
+        if !workers.iter().any(|(w, _)| w == me) {
             return Ok(());
         }
         let store = self.service.store();
