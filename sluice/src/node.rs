@@ -425,10 +425,15 @@ async fn start_worker(
             )
         })?;
     let bound = listener.local_addr().context("the worker API's address")?;
-    let addr = args
-        .worker_advertise
-        .clone()
-        .unwrap_or_else(|| bound.to_string());
+    let addr = match &args.worker_advertise {
+        Some(a) => a.clone(),
+        None if bound.ip().is_unspecified() => anyhow::bail!(
+            "--worker-listen {} binds every interface, which is not an address other nodes can \
+             use: pass --worker-advertise HOST:PORT as they should reach this node",
+            args.worker_listen
+        ),
+        None => bound.to_string(),
+    };
     info!(listen = %bound, advertise = %addr, "worker API listening");
     let app = remote::router(service.clone(), args.worker_token.clone());
     let stop = cancel.clone();
