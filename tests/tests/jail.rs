@@ -140,26 +140,35 @@ async fn function_errors_are_reported_and_the_sandbox_stays_warm() {
 async fn stdout_and_stderr_become_log_lines_tagged_with_the_request() {
     let backend = backend();
     let bundle = Bundle::of("fn-misbehave");
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = mpsc::channel(4096);
     let mut sb = boot_with_logs(&backend, &bundle, 128, Duration::from_secs(3), Some(tx))
         .await
         .expect("boot");
-    json_of(
-        &sb.invoke("req-log", br#"{"action":"log"}"#.to_vec(), "")
-            .await,
-    );
-    let mut lines = Vec::new();
-    while lines.len() < 2 {
-        let l = tokio::time::timeout(Duration::from_secs(3), rx.recv())
-            .await
-            .expect("log line")
-            .expect("open");
-        if l.request_id == "req-log" {
+    // The lines a function writes before its result are relayed before it: they are all
+    // there, tagged, the moment the invocation returns, every time, even right after a burst.
+    for i in 0..20 {
+        let id = format!("req-log-{i}");
+        json_of(
+            &sb.invoke(&id, br#"{"action":"log","lines":1000}"#.to_vec(), "")
+                .await,
+        );
+        let mut lines = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            assert_eq!(l.request_id, id, "{l:?}");
             lines.push(l.line);
         }
+        assert_eq!(lines.len(), 1002, "invocation {i}");
+        let stdout: Vec<&String> = lines.iter().filter(|l| *l != "hello from stderr").collect();
+        let expected: Vec<String> = (0..1000)
+            .map(|n| format!("line {n}"))
+            .chain(["hello from stdout".to_owned()])
+            .collect();
+        assert_eq!(
+            stdout,
+            expected.iter().collect::<Vec<_>>(),
+            "stdout in order"
+        );
     }
-    lines.sort();
-    assert_eq!(lines, ["hello from stderr", "hello from stdout"]);
     sb.destroy().await;
 }
 

@@ -17,5 +17,6 @@
 #![forbid(unsafe_code)]
 
 pub mod jail;
+mod output;
 pub mod protocol;
 pub mod runtime;

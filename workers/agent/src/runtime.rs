@@ -1,7 +1,6 @@
 //! The agent proper: starts `bootstrap`, serves it the Lambda Runtime API, and relays
 //! invocations, results, errors and log lines to and from the host.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -15,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use crate::output::{Output, Pipes};
 use crate::protocol::{read_frame, write_frame, Frame, Invoke, ProtocolError, Start};
 
 /// Where the Runtime API listens (`AWS_LAMBDA_RUNTIME_API`).
@@ -69,6 +69,8 @@ struct Shared {
     /// The request in flight, for log tagging and response validation.
     current: Mutex<String>,
     ready_sent: Mutex<bool>,
+    /// The function's output pipes, once it runs.
+    output: std::sync::OnceLock<Arc<Output>>,
 }
 
 impl Shared {
@@ -122,6 +124,7 @@ where
         next: tokio::sync::Mutex::new(invoke_rx),
         current: Mutex::new(String::new()),
         ready_sent: Mutex::new(false),
+        output: std::sync::OnceLock::new(),
     });
 
     let listener = tokio::net::TcpListener::bind(config.runtime_api)
@@ -236,15 +239,18 @@ fn spawn_bootstrap(start: &Start, config: &AgentConfig, shared: &Arc<Shared>) ->
     let (slot, _) = tokio::sync::watch::channel(None);
     let slot = Arc::new(slot);
     let bootstrap = config.task_root.join("bootstrap");
-    let spawned = Command::new(&bootstrap)
-        .env_clear()
-        .envs(lambda_env(start, config))
-        .current_dir(&config.task_root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
+    let spawned = Pipes::new().and_then(|(stdout, stderr, pipes)| {
+        Command::new(&bootstrap)
+            .env_clear()
+            .envs(lambda_env(start, config))
+            .current_dir(&config.task_root)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map(|child| (child, pipes))
+    });
+    let (mut child, pipes) = match spawned {
         Ok(c) => c,
         Err(e) => {
             let payload = serde_json::json!({
@@ -263,39 +269,20 @@ fn spawn_bootstrap(start: &Start, config: &AgentConfig, shared: &Arc<Shared>) ->
             return slot;
         }
     };
-    let outputs: Vec<Box<dyn std::io::Read + Send>> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    for out in outputs {
-        let shared = Arc::clone(shared);
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).split(b'\n') {
-                let Ok(line) = line else { break };
-                let line = String::from_utf8_lossy(&line).into_owned();
-                let frame = Frame::Log {
-                    request_id: shared.current(),
-                    line,
-                };
-                if shared.to_host.blocking_send(frame).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    let tagger = Arc::clone(shared);
+    let output = pipes.start(move |line| {
+        let frame = Frame::Log {
+            request_id: tagger.current(),
+            line,
+        };
+        tagger.to_host.blocking_send(frame).is_ok()
+    });
+    let _ = shared.output.set(Arc::clone(&output));
     let waiter = Arc::clone(&slot);
     std::thread::spawn(move || {
         use std::os::unix::process::ExitStatusExt;
         let status = child.wait();
+        output.close();
         let frame = match status {
             Ok(s) => Frame::Exited {
                 code: s.code().map_or(-1, i64::from),
@@ -397,6 +384,10 @@ fn check_request(shared: &Shared, id: &str) -> Option<Response> {
 }
 
 async fn finish(shared: &Shared, frame: Frame) -> Response {
+    // Lines the function wrote before its result belong to this request, and go first.
+    if let Some(output) = shared.output.get() {
+        output.flush().await;
+    }
     shared.set_current("");
     let _ = shared.to_host.send(frame).await;
     (
@@ -485,8 +476,9 @@ async fn init_error(
     body: Bytes,
 ) -> Response {
     let error_type = error_type(&headers, &body);
-    let (tx, _rx) = oneshot::channel::<()>();
-    drop(tx);
+    if let Some(output) = shared.output.get() {
+        output.flush().await;
+    }
     let _ = shared
         .to_host
         .send(Frame::InitError {

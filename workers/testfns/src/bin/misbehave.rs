@@ -20,6 +20,10 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
     let p = event.payload;
     match p["action"].as_str().unwrap_or("echo") {
         "log" => {
+            // `lines` more numbered lines on stdout first (default none).
+            for i in 0..p["lines"].as_u64().unwrap_or(0) {
+                println!("line {i}");
+            }
             println!("hello from stdout");
             eprintln!("hello from stderr");
             Ok(p)
