@@ -6,9 +6,14 @@
 //! then be tagged with no request, and reach the host only with the next invocation). The agent
 //! keeps a write end of each pipe; a flush writes a marker into each and waits until every
 //! reader has passed it, so everything the function wrote earlier has become frames.
+//!
+//! Most results follow no unread output, and then the flush returns at once: each reader
+//! consumes bytes and emits their lines while holding its pipe's gate, so with every gate free,
+//! no partial line held, and both pipes empty (one `poll`), everything written has been emitted.
+//! A warm invocation pays for the marker only when there is something to relay.
 
-use std::io::{BufRead, Write};
-use std::os::fd::OwnedFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +32,11 @@ pub(crate) struct Output {
     written: AtomicU64,
     /// Markers each reader has passed.
     passed: Vec<Arc<AtomicU64>>,
+    /// Held by each reader from consuming bytes to emitting their lines; holds whether it keeps
+    /// a partial line.
+    gates: Vec<Arc<Mutex<bool>>>,
+    /// Copies of the read ends, to poll.
+    peek: Vec<OwnedFd>,
     notify: Arc<tokio::sync::Notify>,
 }
 
@@ -60,43 +70,128 @@ impl Pipes {
     ) -> Arc<Output> {
         let emit = Arc::new(emit);
         let notify = Arc::new(tokio::sync::Notify::new());
-        let mut passed = Vec::new();
+        let (mut passed, mut gates, mut peek) = (Vec::new(), Vec::new(), Vec::new());
         for fd in self.readers {
             let seen = Arc::new(AtomicU64::new(0));
+            let gate = Arc::new(Mutex::new(false));
             passed.push(Arc::clone(&seen));
+            gates.push(Arc::clone(&gate));
+            // Without a copy to poll, every flush takes the marker path (see `pending`).
+            if let Ok(copy) = fd.try_clone() {
+                peek.push(copy);
+            }
             let (emit, notify) = (Arc::clone(&emit), Arc::clone(&notify));
             std::thread::spawn(move || {
-                for line in std::io::BufReader::new(std::fs::File::from(fd)).split(b'\n') {
-                    let Ok(line) = line else { break };
+                read_lines(fd, &gate, |line| {
                     let (text, marked) = match line.strip_suffix(MARK) {
                         Some(rest) => (rest, true),
-                        None => (&line[..], false),
+                        None => (line, false),
                     };
                     // A marker ends a partial line the function left unterminated.
                     if (!marked || !text.is_empty())
                         && !emit(String::from_utf8_lossy(text).into_owned())
                     {
-                        break;
+                        return false;
                     }
                     if marked {
                         seen.fetch_add(1, Ordering::AcqRel);
                         notify.notify_waiters();
                     }
-                }
+                    true
+                });
             });
         }
         Arc::new(Output {
             writers: Mutex::new(Some(self.writers)),
             written: AtomicU64::new(0),
             passed,
+            gates,
+            peek,
             notify,
         })
     }
 }
 
+/// Reads `fd` and hands each line (without its newline) to `line` until end of file, an error,
+/// or `line` returning false. Bytes are consumed and their lines emitted while holding `gate`
+/// (whose value says whether a partial line is kept); waiting for bytes happens outside it.
+fn read_lines(fd: OwnedFd, gate: &Mutex<bool>, mut line: impl FnMut(&[u8]) -> bool) {
+    let mut file = std::fs::File::from(fd);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut partial: Vec<u8> = Vec::new();
+    loop {
+        {
+            let mut fds = [nix::poll::PollFd::new(
+                file.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        let mut held = gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Readable (or closed): this thread is the only reader, so this does not block.
+        let n = match file.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut rest = &buf[..n];
+        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+            let ok = if partial.is_empty() {
+                line(&rest[..i])
+            } else {
+                partial.extend_from_slice(&rest[..i]);
+                let ok = line(&partial);
+                partial.clear();
+                ok
+            };
+            if !ok {
+                return;
+            }
+            rest = &rest[i + 1..];
+        }
+        partial.extend_from_slice(rest);
+        *held = !partial.is_empty();
+    }
+    if !partial.is_empty() {
+        line(&partial);
+    }
+}
+
 impl Output {
+    /// Whether any output may not have been emitted yet: a reader is mid-chunk or holds a
+    /// partial line, or a pipe has bytes.
+    fn pending(&self) -> bool {
+        if self.peek.len() != self.gates.len() {
+            return true;
+        }
+        // Holding every gate: nothing is between consumed and emitted.
+        let mut held = Vec::with_capacity(self.gates.len());
+        for gate in &self.gates {
+            match gate.try_lock() {
+                Ok(g) if !*g => held.push(g),
+                _ => return true,
+            }
+        }
+        let mut fds: Vec<nix::poll::PollFd<'_>> = self
+            .peek
+            .iter()
+            .map(|fd| nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN))
+            .collect();
+        !matches!(
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+            Ok(0)
+        )
+    }
+
     /// Waits (at most [`FLUSH_TIMEOUT`]) until every line written so far has been emitted.
     pub(crate) async fn flush(self: &Arc<Self>) {
+        if !self.pending() {
+            return;
+        }
         let this = Arc::clone(self);
         let target = tokio::task::spawn_blocking(move || {
             let mut guard = this

@@ -388,7 +388,8 @@ async fn finish(shared: &Shared, frame: Frame) -> Response {
     if let Some(output) = shared.output.get() {
         output.flush().await;
     }
-    shared.set_current("");
+    // The tag stays until the next invocation starts: a line that still trails the result is
+    // this request's.
     let _ = shared.to_host.send(frame).await;
     (
         StatusCode::ACCEPTED,
