@@ -124,14 +124,8 @@ pub(crate) async fn run<H, Fut>(
                     () = cancel.cancelled() => break,
                     () = tokio::time::sleep(commit_every) => {}
                 }
-                let tpl = trackers
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .commit_list(None);
-                if tpl.count() > 0 {
-                    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                        tracing::warn!(error = %e, "offset commit failed; will retry");
-                    }
+                if let Err(e) = commit_finished(&consumer, &trackers, CommitMode::Async) {
+                    tracing::warn!(error = %e, "offset commit failed; will retry");
                 }
             }
         })
@@ -142,18 +136,8 @@ pub(crate) async fn run<H, Fut>(
             () = cancel.cancelled() => break,
             p = Arc::clone(&sem).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
-        let message = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            m = consumer.recv() => m,
-        };
-        let message = match message {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "consume failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
+        let Some(message) = next_message(&consumer, &cancel, "async").await else {
+            break;
         };
         let tp: Tp = (
             rdkafka::Message::topic(&message).to_owned(),
@@ -187,13 +171,49 @@ pub(crate) async fn run<H, Fut>(
         tracing::warn!("records still in flight at shutdown; they will be redelivered");
     }
     committer.abort();
+    if let Err(e) = commit_finished(&consumer, &trackers, CommitMode::Sync) {
+        tracing::warn!(error = %e, "final offset commit failed; records since the last commit will be redelivered");
+    }
+}
+
+/// The next message of `consumer`, or `None` once `cancel` fires. Consume errors are logged
+/// (with `source` naming the loop) and retried after a pause.
+pub(crate) async fn next_message<'c>(
+    consumer: &'c StreamConsumer,
+    cancel: &CancellationToken,
+    source: &str,
+) -> Option<BorrowedMessage<'c>> {
+    loop {
+        let message = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return None,
+            m = consumer.recv() => m,
+        };
+        match message {
+            Ok(m) => return Some(m),
+            Err(e) => {
+                tracing::warn!(source, error = %e, "consume failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Commits each owned partition's lowest unfinished offset; nothing when no partition has one.
+///
+/// # Errors
+/// The commit's Kafka error.
+pub(crate) fn commit_finished(
+    consumer: &StreamConsumer,
+    trackers: &Mutex<Trackers>,
+    mode: CommitMode,
+) -> rdkafka::error::KafkaResult<()> {
     let tpl = trackers
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .commit_list(None);
-    if tpl.count() > 0 {
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::warn!(error = %e, "final offset commit failed; records since the last commit will be redelivered");
-        }
+    if tpl.count() == 0 {
+        return Ok(());
     }
+    consumer.commit(&tpl, mode)
 }

@@ -295,14 +295,10 @@ impl AsyncPoller {
             cancel.clone(),
             move |m| {
                 let me = me.clone();
-                let event = AsyncEvent::from_message(m);
+                let event = event_or_drop(m);
                 Some(async move {
-                    match event {
-                        Ok(event) => me.process(event).await,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "skipping a record of the async queue that is not an event");
-                            metrics::counter!("sluice_async_events_dropped_total", "reason" => "Malformed").increment(1);
-                        }
+                    if let Some(event) = event {
+                        me.process(event).await;
                     }
                 })
             },
@@ -317,10 +313,10 @@ impl AsyncPoller {
             cancel.clone(),
             move |m| {
                 let me = me.clone();
-                let event = AsyncEvent::from_message(m);
+                let event = event_or_drop(m);
                 let cancel = cancel.clone();
                 Some(async move {
-                    let Ok(mut event) = event else { return };
+                    let Some(mut event) = event else { return };
                     let wait = Duration::from_millis(
                         u64::try_from(event.not_before_ms - now_ms()).unwrap_or(0),
                     );
@@ -537,6 +533,20 @@ impl AsyncPoller {
                 tracing::debug!(function = %event.function, request_id = %event.request_id, error = %e, ?delay, "could not invoke; backing off");
                 Next::Requeue { delay, event }
             }
+        }
+    }
+}
+
+/// The event in `m`; a record that is not one (on the queue or a delay topic) is logged,
+/// counted as dropped (`Malformed`) and skipped.
+fn event_or_drop(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<AsyncEvent> {
+    match AsyncEvent::from_message(m) {
+        Ok(event) => Some(event),
+        Err(e) => {
+            tracing::warn!(topic = rdkafka::Message::topic(m), error = %e, "skipping a record that is not an async event");
+            metrics::counter!("sluice_async_events_dropped_total", "reason" => "Malformed")
+                .increment(1);
+            None
         }
     }
 }

@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use self::event::Rec;
-use crate::async_poller::consume::{Tp, Trackers};
+use crate::async_poller::consume::{commit_finished, next_message, Tp, Trackers};
 use crate::balance::Balancer;
 use crate::filter::FilterSet;
 
@@ -397,18 +397,8 @@ impl MappingPoller {
         let mut partitions: HashMap<Tp, mpsc::Sender<Rec>> = HashMap::new();
         let lanes = tokio_util::task::TaskTracker::new();
         loop {
-            let message = tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                m = consumer.recv() => m,
-            };
-            let m = match message {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(mapping = %uuid, error = %e, "consume failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
+            let Some(m) = next_message(&consumer, &cancel, &uuid).await else {
+                break;
             };
             let tp: Tp = (m.topic().to_owned(), m.partition());
             let Some(epoch) = trackers
@@ -493,14 +483,8 @@ async fn commit_loop(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        let tpl = trackers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .commit_list(None);
-        if tpl.count() > 0 {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                tracing::warn!(mapping = %uuid, error = %e, "offset commit failed; will retry");
-            }
+        if let Err(e) = commit_finished(&consumer, &trackers, CommitMode::Async) {
+            tracing::warn!(mapping = %uuid, error = %e, "offset commit failed; will retry");
         }
         // Publish how far this node got, for duplicate counting after a failover.
         let marks = trackers
