@@ -3,6 +3,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Now, Unix ms, unsigned (for deadlines and wire fields that are `u64`).
+#[must_use]
+pub fn unix_ms() -> u64 {
+    u64::try_from(now_ms()).unwrap_or(0)
+}
+
 /// Now, Unix ms.
 #[must_use]
 pub fn now_ms() -> i64 {

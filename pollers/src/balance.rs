@@ -41,10 +41,6 @@ pub(crate) struct Balancer {
     pub(crate) units_cache: Arc<Mutex<Option<UnitsCache>>>,
 }
 
-fn now_ms() -> u64 {
-    u64::try_from(sluice_core::time::now_ms()).unwrap_or(0)
-}
-
 impl Balancer {
     fn lock(&self) -> std::sync::MutexGuard<'_, Trackers> {
         self.trackers
@@ -109,7 +105,7 @@ impl Balancer {
 
     async fn members(&self) -> usize {
         let mut conn = self.redis.clone();
-        let now = now_ms();
+        let now = sluice_core::time::unix_ms();
         let expiry = now + u64::try_from(self.ttl.as_millis() * 3).unwrap_or(u64::MAX);
         let result: redis::RedisResult<(i64, i64, usize)> = redis::pipe()
             .atomic()

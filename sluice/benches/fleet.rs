@@ -45,15 +45,14 @@ struct Summary {
 
 impl Summary {
     fn of(mut samples: Vec<Duration>) -> Self {
-        assert!(!samples.is_empty(), "no samples");
-        samples.sort_unstable();
-        let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
         let total: Duration = samples.iter().sum();
+        let mut at = |p: f64| sluice_tests::percentile(&mut samples, p).expect("no samples");
+        let (p50, p99) = (at(0.5), at(0.99));
         Self {
             count: samples.len(),
             mean: total / u32::try_from(samples.len()).expect("few samples"),
-            p50: at(0.5),
-            p99: at(0.99),
+            p50,
+            p99,
         }
     }
 

@@ -9,7 +9,9 @@
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use sluice_core::time::unix_ms as now_ms;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -24,18 +26,8 @@ const BACKLOG: usize = 16_000;
 const RATE_PER_SEC: u64 = 200;
 const LATENCY_SECS: u64 = 10;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
-}
-
 fn pct(v: &mut [u64], p: f64) -> u64 {
-    if v.is_empty() {
-        return 0;
-    }
-    v.sort_unstable();
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
+    sluice_tests::percentile(v, p).unwrap_or(0)
 }
 
 async fn produce_backlog(kafka: &KafkaSettings, topic: &str) {

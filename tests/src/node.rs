@@ -4,6 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::free_port;
 use crate::functions::bin_dir;
 
 /// A running node; SIGKILLed on drop.
@@ -26,13 +27,6 @@ pub const FAST_RETRIES: &[&str] = &[
     "--lease-ttl",
     "3s",
 ];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 impl Node {
     /// Starts a node with every role; `extra` are more `sluice node` flags.

@@ -6,7 +6,9 @@
 //! that instruction: Redis tests are never skipped.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+
+use crate::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,15 +28,6 @@ pub struct RedisServer {
 
 fn server_binary() -> String {
     std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned())
-}
-
-/// A port that was free a moment ago: bind port 0, read the port, release it.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
-    listener
-        .local_addr()
-        .expect("bound socket has an address")
-        .port()
 }
 
 /// Whether a Redis server answers `PING` on `port`.

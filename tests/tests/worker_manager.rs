@@ -20,7 +20,7 @@ fn info(id: &str) -> WorkerInfo {
         busy: 0,
         idle: 0,
         provisioned: BTreeMap::new(),
-        heartbeat_ms: u64::try_from(sluice_core::time::now_ms()).expect("clock"),
+        heartbeat_ms: sluice_core::time::unix_ms(),
     }
 }
 

@@ -230,10 +230,6 @@ fn describe_exit(code: i64, signal: i64) -> String {
     }
 }
 
-fn now_ms() -> u64 {
-    u64::try_from(sluice_core::time::now_ms()).unwrap_or(0)
-}
-
 impl Sandbox {
     /// Boots a sandbox for `spec` and waits until its runtime asks for the first event.
     ///
@@ -355,7 +351,8 @@ impl Sandbox {
         trace_id: &str,
     ) -> InvokeOutcome {
         let timeout = self.spec.timeout;
-        let deadline_ms = now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let deadline_ms =
+            sluice_core::time::unix_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let frame = Frame::Invoke(Invoke {
             request_id: request_id.to_owned(),
             deadline_ms,
