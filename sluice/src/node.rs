@@ -411,11 +411,16 @@ async fn start_worker(
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(4096);
     let pool = Pool::new(backend, pool_config, None).with_events(events_tx);
     tracker.spawn(pool.clone().run_reaper(cancel.child_token()));
-    let service = WorkerService::new(node_id.to_owned(), pool, store.clone(), identity.clone())
-        .with_code_store(
+    let service = WorkerService::new(
+        node_id.to_owned(),
+        pool,
+        store.clone(),
+        identity.clone(),
+        Some((
             kafka.clone(),
             std::path::PathBuf::from("/var/cache/sluice/code"),
-        );
+        )),
+    );
     let listener = tokio::net::TcpListener::bind(args.worker_listen)
         .await
         .with_context(|| {

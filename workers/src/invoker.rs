@@ -230,20 +230,11 @@ impl ClusterInvoker {
                 }
             }
             // Placement: a worker with room boots a new sandbox.
-            let mut candidates: Vec<WorkerInfo> =
-                placement::candidates(&fleet, need_mb, &excluded, &mut rand::rng())
-                    .into_iter()
-                    .take(MAX_PLACEMENT_TRIES)
-                    .cloned()
-                    .collect();
+            let mut candidates = place(&fleet, need_mb, &excluded);
             if candidates.is_empty() {
+                // The view may predate a worker that just joined or freed memory.
                 let _ = self.refresh_fleet().await;
-                let fleet = self.fleet();
-                candidates = placement::candidates(&fleet, need_mb, &excluded, &mut rand::rng())
-                    .into_iter()
-                    .take(MAX_PLACEMENT_TRIES)
-                    .cloned()
-                    .collect();
+                candidates = place(&self.fleet(), need_mb, &excluded);
             }
             let mut refusals = Vec::new();
             let mut worker_lost = false;
@@ -299,6 +290,15 @@ impl ClusterInvoker {
             }
         }
     }
+}
+
+/// The workers to ask, in order, for a new sandbox of `need_mb`.
+fn place(fleet: &[WorkerInfo], need_mb: u64, excluded: &[String]) -> Vec<WorkerInfo> {
+    placement::candidates(fleet, need_mb, excluded, &mut rand::rng())
+        .into_iter()
+        .take(MAX_PLACEMENT_TRIES)
+        .cloned()
+        .collect()
 }
 
 fn no_room_message(fleet: &[WorkerInfo], need_mb: u64) -> String {

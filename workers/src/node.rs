@@ -68,7 +68,7 @@ impl WorkerNode {
             busy: stats.busy,
             idle: stats.idle,
             provisioned,
-            heartbeat_ms: u64::try_from(sluice_core::time::now_ms()).unwrap_or(0),
+            heartbeat_ms: sluice_core::time::unix_ms(),
         }
     }
 
@@ -105,8 +105,6 @@ impl WorkerNode {
         metrics::gauge!("sluice_worker_memory_budget_mib").set(stats.budget_mb as f64);
         metrics::gauge!("sluice_worker_memory_used_mib").set(stats.used_mb as f64);
         metrics::gauge!("sluice_worker_memory_peak_mib").set(stats.peak_used_mb as f64);
-        metrics::gauge!("sluice_worker_free_memory_mib", "worker" => self.service.id().to_owned())
-            .set(stats.budget_mb.saturating_sub(stats.used_mb) as f64);
         metrics::gauge!("sluice_sandboxes_busy").set(stats.busy as f64);
         let mut per_function: HashMap<String, (u32, u32)> = HashMap::new();
         for ((name, _), all, busy) in &stats.provisioned {

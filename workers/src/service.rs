@@ -86,32 +86,24 @@ struct Inner {
 }
 
 impl WorkerService {
-    /// Worker `id` running on `pool`.
+    /// Worker `id` running on `pool`; with `code` (Kafka and a cache directory) it can fetch
+    /// code kept in Kafka (`Code.ZipFile`).
     #[must_use]
-    pub fn new(id: String, pool: Pool, store: ConfigStore, account: AccountIdentity) -> Self {
+    pub fn new(
+        id: String,
+        pool: Pool,
+        store: ConfigStore,
+        account: AccountIdentity,
+        code: Option<(KafkaSettings, PathBuf)>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 id,
                 pool,
                 store,
                 account,
-                code: None,
+                code,
             }),
-        }
-    }
-
-    /// Lets the worker fetch code kept in Kafka (`Code.ZipFile`) into `cache`.
-    #[must_use]
-    pub fn with_code_store(self, kafka: KafkaSettings, cache: PathBuf) -> Self {
-        let inner = Inner {
-            id: self.inner.id.clone(),
-            pool: self.inner.pool.clone(),
-            store: self.inner.store.clone(),
-            account: self.inner.account.clone(),
-            code: Some((kafka, cache)),
-        };
-        Self {
-            inner: Arc::new(inner),
         }
     }
 
@@ -222,10 +214,7 @@ impl WorkerService {
         })
         .await
         .map_err(|e| InvokeError::Service(format!("invocation task failed: {e}")))?
-        .map_err(|e| match e {
-            e @ PoolError::NoCapacity { .. } => InvokeError::NoCapacity(e.to_string()),
-            e @ PoolError::Boot(_) => InvokeError::Service(e.to_string()),
-        })?;
+        .map_err(invoke_error)?;
         metrics::counter!("sluice_worker_invocations_total", "function" => req.function.clone())
             .increment(1);
         let result = match &inv.outcome {
@@ -253,9 +242,15 @@ impl WorkerService {
     pub async fn provision(&self, name: &str) -> Result<(), InvokeError> {
         let f = self.function(name, 0).await?;
         let spec = Arc::new(self.spec(&f).await?);
-        self.inner.pool.provision(&spec).await.map_err(|e| match e {
-            e @ PoolError::NoCapacity { .. } => InvokeError::NoCapacity(e.to_string()),
-            e @ PoolError::Boot(_) => InvokeError::Service(e.to_string()),
-        })
+        self.inner.pool.provision(&spec).await.map_err(invoke_error)
+    }
+}
+
+/// A pool's refusal as the callers see it: no room is a capacity throttle, a failed boot a
+/// service error (both retryable).
+fn invoke_error(e: PoolError) -> InvokeError {
+    match e {
+        e @ PoolError::NoCapacity { .. } => InvokeError::NoCapacity(e.to_string()),
+        e @ PoolError::Boot(_) => InvokeError::Service(e.to_string()),
     }
 }
