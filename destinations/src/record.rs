@@ -1,7 +1,11 @@
 //! Lambda's asynchronous invocation record, as on-success and on-failure destinations get it.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 
 /// Why a record was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +48,7 @@ pub struct ResponseContext {
 }
 
 /// The record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InvocationRecord {
     /// `1.0`.
@@ -53,8 +57,14 @@ pub struct InvocationRecord {
     pub timestamp: String,
     /// Which invocation, and why.
     pub request_context: RequestContext,
-    /// The event (JSON when it was JSON, else a string).
-    pub request_payload: Value,
+    /// The event, verbatim: the caller's JSON text byte for byte (so a redrive re-submits exactly
+    /// what was sent: a top-level string keeps its quotes, big integers all their digits), or a
+    /// JSON string when the event was not JSON text.
+    pub request_payload: Box<RawValue>,
+    /// The event's exact bytes, base64, only when `requestPayload` cannot hold them verbatim (not
+    /// UTF-8 JSON, or JSON with surrounding whitespace). A Sluice extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_payload_base64: Option<String>,
     /// How the function answered, when it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_context: Option<ResponseContext>,
@@ -93,6 +103,11 @@ impl InvocationRecord {
             ),
             None => (None, None),
         };
+        let verbatim = std::str::from_utf8(request_payload)
+            .ok()
+            .and_then(|text| RawValue::from_string(text.to_owned()).ok())
+            .filter(|raw| raw.get().as_bytes() == request_payload);
+        let request_payload_base64 = verbatim.is_none().then(|| B64.encode(request_payload));
         Self {
             version: "1.0".into(),
             timestamp: iso8601(now_ms),
@@ -102,7 +117,11 @@ impl InvocationRecord {
                 condition,
                 approximate_invoke_count: invoke_count,
             },
-            request_payload: json_or_string(request_payload),
+            request_payload: verbatim.unwrap_or_else(|| {
+                RawValue::from_string(json_or_string(request_payload).to_string())
+                    .expect("a serialized Value is JSON")
+            }),
+            request_payload_base64,
             response_context,
             response_payload,
         }
@@ -119,13 +138,17 @@ impl InvocationRecord {
         arn.rsplit(':').next()
     }
 
-    /// The original event, as bytes to re-submit.
+    /// The original event, byte for byte, to re-submit.
     #[must_use]
     pub fn request_bytes(&self) -> Vec<u8> {
-        match &self.request_payload {
-            Value::String(s) => s.clone().into_bytes(),
-            other => other.to_string().into_bytes(),
+        if let Some(bytes) = self
+            .request_payload_base64
+            .as_deref()
+            .and_then(|b| B64.decode(b).ok())
+        {
+            return bytes;
         }
+        self.request_payload.get().as_bytes().to_vec()
     }
 }
 
@@ -183,5 +206,28 @@ mod tests {
         assert!(v.get("responseContext").is_none());
         assert_eq!(v["requestPayload"], "not json");
         assert_eq!(r.request_bytes(), b"not json");
+    }
+
+    #[test]
+    fn the_request_payload_survives_the_record_byte_for_byte() {
+        for payload in [
+            &br#""a top-level string""#[..],
+            br#"{"id":123456789012345678901234567890,"f":1.0000000000000000001}"#,
+            br#"{ "spaced" : [ 1 , 2 ] }"#,
+            b" {\"padded\":true}\n",
+            b"not json",
+            b"\xff\xfe binary",
+            b"null",
+        ] {
+            let r = InvocationRecord::new("id", "arn:f", Condition::RetriesExhausted, 1, payload, None, 0);
+            let wire = serde_json::to_vec(&r).expect("encode");
+            let back: InvocationRecord = serde_json::from_slice(&wire).expect("decode");
+            assert_eq!(back.request_bytes(), payload, "{}", String::from_utf8_lossy(payload));
+        }
+        // JSON text stays readable JSON in the record (Lambda's shape), with no extension field.
+        let r = InvocationRecord::new("id", "arn:f", Condition::Success, 1, br#"{"big":12345678901234567890123}"#, None, 0);
+        let wire = String::from_utf8(serde_json::to_vec(&r).expect("encode")).expect("utf8");
+        assert!(wire.contains(r#""requestPayload":{"big":12345678901234567890123}"#), "{wire}");
+        assert!(!wire.contains("requestPayloadBase64"), "{wire}");
     }
 }

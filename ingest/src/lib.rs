@@ -80,6 +80,9 @@ pub struct ApiState {
     pub kafka: Option<sluice_core::kafka::KafkaSettings>,
     /// The code topic.
     pub code_topic: String,
+    /// The prefix of every topic and consumer group Sluice itself uses on its cluster: mappings
+    /// may not read those (they hold every function's events and the configuration).
+    pub topic_prefix: String,
     /// Access keys; when any are set, requests must carry a valid SigV4 signature.
     pub credentials: sigv4::Credentials,
 }

@@ -92,6 +92,65 @@ fn check_function(state: &ApiState, config: &EventSourceMappingConfig) -> Result
     Ok(())
 }
 
+/// Consumer groups Sluice's nodes use that do not carry the topic prefix.
+const OWN_GROUP_PREFIXES: &[&str] = &["sluice-config-view-"];
+
+/// Whether the mapping reads the node's own Kafka cluster (no `SelfManagedEventSource`, or one
+/// that names a broker of the node's cluster).
+fn on_node_cluster(state: &ApiState, config: &EventSourceMappingConfig) -> bool {
+    let Some(servers) = config
+        .self_managed_event_source
+        .as_ref()
+        .and_then(|s| s.endpoints.get("KAFKA_BOOTSTRAP_SERVERS"))
+    else {
+        return true;
+    };
+    let Some(kafka) = &state.kafka else {
+        return true;
+    };
+    let own: Vec<&str> = kafka.bootstrap_servers.split(',').map(str::trim).collect();
+    servers.iter().any(|s| own.contains(&s.trim()))
+}
+
+/// Refuses a mapping that would read Sluice's own topics or groups, or share its consumer group
+/// with another mapping (their commits would overwrite each other's and skip records).
+fn check_isolation(
+    state: &ApiState,
+    config: &EventSourceMappingConfig,
+    group: &str,
+) -> Result<(), ApiError> {
+    if on_node_cluster(state, config) && !state.topic_prefix.is_empty() {
+        if let Some(t) = config
+            .topics
+            .iter()
+            .find(|t| t.starts_with(&state.topic_prefix))
+        {
+            return Err(ApiError::invalid(format!(
+                "Topics: {t:?} is one of Sluice's own topics (every topic named {:?}… on this                  cluster holds Sluice's queues, code or configuration); map a topic of your own",
+                state.topic_prefix
+            )));
+        }
+        if group.starts_with(&state.topic_prefix)
+            || OWN_GROUP_PREFIXES.iter().any(|p| group.starts_with(p))
+        {
+            return Err(ApiError::invalid(format!(
+                "ConsumerGroupId: {group:?} is one of Sluice's own consumer groups (names                  starting with {:?} or {}); choose another",
+                state.topic_prefix,
+                OWN_GROUP_PREFIXES.join(", ")
+            )));
+        }
+    }
+    if let Some(other) = state.store.event_source_mappings().into_iter().find(|m| {
+        m.object.config.consumer_group_id().unwrap_or(&m.object.uuid) == group
+    }) {
+        return Err(ApiError::invalid(format!(
+            "ConsumerGroupId: {group:?} is already used by event source mapping {}; each mapping              needs a consumer group of its own",
+            other.object.uuid
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) async fn create(
     State(state): State<ApiState>,
     body: Bytes,
@@ -101,6 +160,11 @@ pub(crate) async fn create(
     let mut config: EventSourceMappingConfig = parse(text, Format::Json).map_err(model_error)?;
     check_function(&state, &config)?;
     let uuid = uuid::Uuid::new_v4().to_string();
+    check_isolation(
+        &state,
+        &config,
+        &config.consumer_group_id().unwrap_or(&uuid).to_owned(),
+    )?;
     if config.consumer_group_id().is_none() {
         // Lambda's default consumer group is the mapping's UUID.
         config.self_managed_kafka_event_source_config = Some(KafkaEventSourceConfig {

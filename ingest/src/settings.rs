@@ -9,7 +9,9 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sluice_core::model::{parse, Environment, EventInvokeConfig, Format, FunctionConfig, Validate};
+use sluice_core::model::{
+    parse, parse_strict, Environment, EventInvokeConfig, Format, FunctionConfig, Validate,
+};
 use sluice_core::store::{ConfigObject, Expected, ObjectKey, StoreError, Versioned};
 
 use crate::functions::{check_code_path, check_reservation, configuration, model_error};
@@ -100,7 +102,7 @@ pub(crate) async fn update_code(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let req: UpdateCode =
-        serde_json::from_str(body_text(&body)?).map_err(|e| ApiError::invalid(e.to_string()))?;
+        parse_strict(body_text(&body)?, Format::Json).map_err(model_error)?;
     let current = function(&state, &name)?;
     let expect = expected(req.revision_id.as_deref(), current.revision)?;
     let _ = req.publish;
@@ -158,7 +160,7 @@ pub(crate) async fn update_configuration(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let req: UpdateConfiguration =
-        serde_json::from_str(body_text(&body)?).map_err(|e| ApiError::invalid(e.to_string()))?;
+        parse_strict(body_text(&body)?, Format::Json).map_err(model_error)?;
     let current = function(&state, &name)?;
     let expect = expected(req.revision_id.as_deref(), current.revision)?;
     let mut f = current.object;
@@ -301,7 +303,7 @@ pub(crate) async fn put_concurrency(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let req: Concurrency =
-        serde_json::from_str(body_text(&body)?).map_err(|e| ApiError::invalid(e.to_string()))?;
+        parse_strict(body_text(&body)?, Format::Json).map_err(model_error)?;
     let current = function(&state, &name)?;
     let mut f = current.object;
     f.reserved_concurrent_executions = Some(req.reserved_concurrent_executions);

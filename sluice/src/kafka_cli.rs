@@ -367,7 +367,14 @@ pub struct RedriveArgs {
     /// Stop after this many records (the next run resumes after them).
     #[arg(long)]
     limit: Option<i64>,
+    /// Start again from the oldest record, ignoring what earlier runs re-submitted (each run's
+    /// events get request ids of their own, so the pollers run them again).
+    #[arg(long)]
+    from_beginning: bool,
 }
+
+/// The commit metadata that names the run a redrive's progress belongs to.
+const RUN_METADATA_PREFIX: &str = "sluice-redrive-run=";
 
 pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     let topic = topic_of(&args.destination)?;
@@ -380,7 +387,8 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     let topic2 = topic.clone();
     let group2 = group.clone();
     let queue2 = queue.clone();
-    let (consumer, ends, starts, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let from_beginning = args.from_beginning;
+    let (consumer, ends, starts, total, resumed_run) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let consumer: BaseConsumer = KafkaSettings::new(&brokers)
             .client_config()
             .set("group.id", &group2)
@@ -410,14 +418,24 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         let mut ends = HashMap::new();
         let mut starts = HashMap::new();
         let mut total = 0i64;
+        let mut resumed_run = None;
         for el in committed.elements() {
             let (low, high) = consumer
                 .fetch_watermarks(&topic2, el.partition(), Duration::from_secs(10))
                 .context("end offsets")?;
             let start = match el.offset() {
-                Offset::Offset(o) => o.max(low),
+                Offset::Offset(o) if !from_beginning => o.max(low),
                 _ => low,
             };
+            // An unfinished run is resumed under its own id, so that the one record it may
+            // re-submit twice (re-submitted, not yet committed) is deduplicated by the pollers.
+            if start < high {
+                if let Some(run) = el.metadata().strip_prefix(RUN_METADATA_PREFIX) {
+                    if !from_beginning && !run.is_empty() {
+                        resumed_run = Some(run.to_owned());
+                    }
+                }
+            }
             total += (high - start).max(0);
             ends.insert(el.partition(), high);
             starts.insert(el.partition(), start);
@@ -433,11 +451,14 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
                  on this cluster with the same --topic-prefix?"
             );
         }
-        Ok((consumer, ends, starts, total))
+        Ok((consumer, ends, starts, total, resumed_run))
     })
     .await
     .context("redrive set-up")??;
-    eprintln!("redriving {total} record(s) from {topic} to {queue} (progress kept in consumer group {group})");
+    // Request ids are unique per run: the pollers skip a request id they have run, so a second
+    // redrive of the same record under the same id would silently do nothing.
+    let run = resumed_run.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
+    eprintln!("redriving {total} record(s) from {topic} to {queue} as run {run} (progress kept in consumer group {group})");
     let (mut redriven, mut skipped, mut done) = (0i64, 0i64, 0i64);
     let mut positions: HashMap<i32, i64> = starts;
     let consumer = std::sync::Arc::new(consumer);
@@ -472,7 +493,7 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         match serde_json::from_slice::<InvocationRecord>(&payload) {
             Ok(r) => {
                 let function = r.function_name().unwrap_or_default().to_owned();
-                let request_id = format!("redrive-{}", r.request_context.request_id);
+                let request_id = format!("redrive-{run}-{}", r.request_context.request_id);
                 let event = AsyncEvent::new(&function, &request_id, r.request_bytes());
                 events
                     .send(&queue, &event)
@@ -507,6 +528,9 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1))
             .context("commit")?;
+        if let Some(mut el) = tpl.find_partition(&topic, partition) {
+            el.set_metadata(format!("{RUN_METADATA_PREFIX}{run}"));
+        }
         consumer
             .commit(&tpl, CommitMode::Sync)
             .context("record redrive progress")?;

@@ -372,6 +372,7 @@ pub async fn start(
             async_topic: async_cfg.queue_topic.clone(),
             kafka: Some(kafka.clone()),
             code_topic: format!("{}code", args.topic_prefix),
+            topic_prefix: args.topic_prefix.clone(),
             credentials: sluice_ingest::sigv4::Credentials::parse(&args.access_keys)
                 .map_err(anyhow::Error::msg)?,
         };

@@ -11,7 +11,7 @@ pub const MAX_FUNCTION_NAME_LEN: usize = 64;
 
 /// A function, as CreateFunction takes it (Lambda's names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct FunctionConfig {
     /// The function's name: 1–64 letters, digits, `-` and `_`.
     pub function_name: String,
@@ -48,7 +48,7 @@ pub struct FunctionConfig {
 
 /// Where a function's code is. Exactly one of the fields is set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct FunctionCode {
     /// The unpacked bundle: a directory on the nodes' file system (a Sluice extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,7 +68,7 @@ pub struct FunctionCode {
 /// A bundle kept in Kafka: chunks of one partition of `topic`, from `offset`, keyed by the
 /// SHA-256 of the zip.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct StoredCode {
     /// Hex SHA-256 of the zip.
     pub sha256: String,
@@ -84,7 +84,7 @@ pub struct StoredCode {
 
 /// Environment variables (Lambda's `Environment.Variables`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct Environment {
     /// Name → value. Names start with a letter and hold letters, digits and `_`.
     #[serde(default)]
@@ -285,9 +285,26 @@ mod tests {
         )
         .expect_err("unknown field");
         assert!(
-            yaml.to_string().contains("unknown field `S3Bucket`"),
+            yaml.to_string().contains("unknown field `Code.S3Bucket`"),
             "{yaml}"
         );
+    }
+
+    #[test]
+    fn stored_records_with_fields_from_a_newer_node_still_decode() {
+        // What the store reads: plain serde, no strictness (a rolling upgrade).
+        let f: FunctionConfig = serde_json::from_str(
+            r#"{"FunctionName":"f","Code":{"Path":"/x","Future":1},"SnapStart":{"ApplyOn":"None"}}"#,
+        )
+        .expect("lenient decode");
+        assert_eq!(f.function_name, "f");
+        // What users send: strict.
+        let err = parse::<FunctionConfig>(
+            r#"{"FunctionName":"f","Code":{"Path":"/x"},"SnapStart":{"ApplyOn":"None"}}"#,
+            Format::Json,
+        )
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `SnapStart`"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::validate::{check_function_name, check_topic_name, Validate, Violation
 
 /// How Sluice handles a function's asynchronous (`Event`) invocations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct EventInvokeConfig {
     /// The function this applies to. Optional in the API (the path names it); required in files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,7 +47,7 @@ fn default_maximum_event_age_in_seconds() -> i64 {
 
 /// On-success and on-failure destinations.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct DestinationConfig {
     /// Where records of successful invocations go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,7 +59,7 @@ pub struct DestinationConfig {
 
 /// One destination. Lambda writes `{}` for "none"; an absent `Destination` means the same.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct Destination {
     /// `kafka://<topic>`: a topic on the node's Kafka cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]

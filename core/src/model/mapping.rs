@@ -16,7 +16,7 @@ pub const INFINITE_RETRIES_CAP_WITH_DESTINATION: i64 = 10;
 
 /// A mapping from Kafka topic(s) to a function, as CreateEventSourceMapping takes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct EventSourceMappingConfig {
     /// The function that receives the batches.
     pub function_name: String,
@@ -116,7 +116,7 @@ pub enum StartingPosition {
 
 /// A self-managed Kafka cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct SelfManagedEventSource {
     /// `{"KAFKA_BOOTSTRAP_SERVERS": ["host:port", …]}`.
     pub endpoints: BTreeMap<String, Vec<String>>,
@@ -124,7 +124,7 @@ pub struct SelfManagedEventSource {
 
 /// Consumer group settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct KafkaEventSourceConfig {
     /// The consumer group: 1–200 characters of `[a-zA-Z0-9-/*:_+=.@-]`. If it already has
     /// committed offsets, `StartingPosition` is ignored.
@@ -141,7 +141,7 @@ pub enum FunctionResponseType {
 
 /// Event filtering.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct FilterCriteria {
     /// The filters; a record passes when any one matches.
     #[serde(default)]
@@ -150,7 +150,7 @@ pub struct FilterCriteria {
 
 /// One filter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct Filter {
     /// An EventBridge-style pattern as a JSON string, on the record's `key` and/or `value`.
     pub pattern: String,
@@ -158,7 +158,7 @@ pub struct Filter {
 
 /// Provisioned mode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct ProvisionedPollerConfig {
     /// Pollers always running: 1–200, default 1.
     #[serde(default = "default_minimum_pollers")]
@@ -180,7 +180,7 @@ fn default_maximum_pollers() -> i64 {
 
 /// Per-mapping metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct MetricsConfig {
     /// Which metric groups to publish.
     #[serde(default)]
@@ -200,7 +200,7 @@ pub enum MetricsKind {
 
 /// One authentication or TLS setting of a self-managed cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde()]
 pub struct SourceAccessConfiguration {
     /// BASIC_AUTH, SASL_SCRAM_256_AUTH, SASL_SCRAM_512_AUTH, CLIENT_CERTIFICATE_TLS_AUTH,
     /// SERVER_ROOT_CA_CERTIFICATE, VPC_SUBNET or VPC_SECURITY_GROUP.
@@ -461,6 +461,8 @@ impl Validate for EventSourceMappingConfig {
     }
 }
 
+/// Checks one pattern with the compiler the pollers run, so that a pattern the API accepts can
+/// never fail later in a poller.
 fn check_filter_pattern(v: &mut Violations, field: &str, pattern: &str) {
     if pattern.len() > 4096 {
         v.push(
@@ -469,21 +471,14 @@ fn check_filter_pattern(v: &mut Violations, field: &str, pattern: &str) {
         );
         return;
     }
-    match serde_json::from_str::<serde_json::Value>(pattern) {
-        Ok(serde_json::Value::Object(map)) => {
-            for key in map.keys() {
-                if key != "key" && key != "value" {
-                    v.push(
-                        field,
-                        format!(
-                            "may filter on \"key\" and \"value\" of a Kafka record, got {key:?}"
-                        ),
-                    );
-                }
-            }
+    match crate::filter::FilterSet::compile(&[pattern.to_owned()]) {
+        Ok(_) => {}
+        Err(crate::filter::FilterError::ParsePattern { source, .. }) => {
+            v.push(field, format!("must be a JSON object: {source}"));
         }
-        Ok(other) => v.push(field, format!("must be a JSON object, got {other}")),
-        Err(e) => v.push(field, format!("must be a JSON object: {e}")),
+        Err(crate::filter::FilterError::InvalidPattern { path, reason, .. }) => {
+            v.push(field, format!("at {path}: {reason}"));
+        }
     }
 }
 
@@ -508,7 +503,7 @@ pub enum MappingState {
 
 /// A mapping as the store persists it: the user's configuration plus what Sluice adds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct EventSourceMappingState {
     /// The mapping's identifier.
     #[serde(rename = "UUID")]
@@ -613,13 +608,33 @@ mod tests {
         .expect_err("bad filters");
         let text = err.to_string();
         assert!(
-            text.contains("FilterCriteria.Filters[0].Pattern may filter on \"key\" and \"value\""),
+            text.contains("FilterCriteria.Filters[0].Pattern at $: unknown field `data`"),
             "{text}"
         );
         assert!(
             text.contains("FilterCriteria.Filters[1].Pattern must be a JSON object"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn filters_are_checked_by_the_compiler_the_pollers_run() {
+        // Well-formed JSON objects on key/value that the old shape check let through and the
+        // poller's compiler refuses: each used to be accepted, then failed the mapping's poller.
+        for pattern in [
+            r#"{"value":{"a":"x"}}"#,
+            r#"{"value":{"a":[{"bogus-operator":1}]}}"#,
+            r#"{"value":{"price":[{"numeric":[">"]}]}}"#,
+            r#"{"value":{"a":[]}}"#,
+        ] {
+            let doc = serde_json::json!({"FunctionName":"f","Topics":["t"],"StartingPosition":"LATEST",
+                "FilterCriteria":{"Filters":[{"Pattern":pattern}]}});
+            let err = parse::<EventSourceMappingConfig>(&doc.to_string(), Format::Json)
+                .expect_err(pattern);
+            let text = err.to_string();
+            assert!(text.contains("FilterCriteria.Filters[0].Pattern at $."), "{pattern}: {text}");
+            assert!(crate::filter::FilterSet::compile(&[pattern.to_owned()]).is_err());
+        }
     }
 
     #[test]

@@ -18,4 +18,4 @@ pub use mapping::{
     ProvisionedPollerConfig, SelfManagedEventSource, SourceAccessConfiguration, StartingPosition,
 };
 pub use provisioned::ProvisionedConcurrencyConfig;
-pub use validate::{parse, Format, ModelError, Validate, Violation, Violations};
+pub use validate::{parse, parse_strict, Format, ModelError, Validate, Violation, Violations};

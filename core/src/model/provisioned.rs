@@ -10,7 +10,7 @@ use super::validate::{Validate, Violations};
 
 /// A function's provisioned concurrency, as the store keeps it (named after the function).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+#[serde(rename_all = "PascalCase")]
 pub struct ProvisionedConcurrencyConfig {
     /// Sandboxes to keep booted: at least 1, at most the function's reserved concurrency when
     /// that is set, and never so many that the account keeps fewer than 100 unreserved.

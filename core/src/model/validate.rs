@@ -111,6 +111,10 @@ pub enum ModelError {
     /// The text is not valid YAML, or has an unknown field or a value of the wrong type.
     #[error("invalid YAML: {0}")]
     ParseYaml(#[source] serde_yaml::Error),
+    /// The document has a field Sluice does not know (user input is strict; records that
+    /// newer nodes wrote to the configuration store are not, see [`parse`]).
+    #[error("unknown field `{0}` (field names are Lambda's, case-sensitive)")]
+    UnknownField(String),
     /// The document parsed but breaks the rules.
     #[error("invalid configuration: {0}")]
     Invalid(#[source] Violations),
@@ -119,14 +123,42 @@ pub enum ModelError {
 /// Parses and validates a configuration document.
 ///
 /// # Errors
-/// [`ModelError::ParseJson`]/[`ModelError::ParseYaml`] for syntax, types and unknown fields;
-/// [`ModelError::Invalid`] with every violated rule.
+/// [`ModelError::ParseJson`]/[`ModelError::ParseYaml`] for syntax and types,
+/// [`ModelError::UnknownField`] for a field the model does not have (with its path, e.g.
+/// `Code.S3Bucket`), [`ModelError::Invalid`] with every violated rule.
+///
+/// The model types themselves accept unknown fields, so that a node reads configuration records
+/// written by a newer node (a rolling upgrade never splits the nodes' views); strictness is this
+/// function's, which is what user input goes through.
 pub fn parse<T: DeserializeOwned + Validate>(text: &str, format: Format) -> Result<T, ModelError> {
-    let value: T = match format {
-        Format::Json => serde_json::from_str(text).map_err(ModelError::ParseJson)?,
-        Format::Yaml => serde_yaml::from_str(text).map_err(ModelError::ParseYaml)?,
-    };
+    let value: T = parse_strict(text, format)?;
     value.validate().map_err(ModelError::Invalid)?;
+    Ok(value)
+}
+
+/// Parses user input refusing unknown fields, without validating (for request bodies that are
+/// not model objects themselves, e.g. a partial update).
+///
+/// # Errors
+/// As [`parse`], but never [`ModelError::Invalid`].
+pub fn parse_strict<T: DeserializeOwned>(text: &str, format: Format) -> Result<T, ModelError> {
+    let mut unknown: Option<String> = None;
+    let mut note = |path: serde_ignored::Path<'_>| {
+        unknown.get_or_insert_with(|| path.to_string());
+    };
+    let value: T = match format {
+        Format::Json => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let v = serde_ignored::deserialize(&mut de, &mut note).map_err(ModelError::ParseJson)?;
+            de.end().map_err(ModelError::ParseJson)?;
+            v
+        }
+        Format::Yaml => serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), &mut note)
+            .map_err(ModelError::ParseYaml)?,
+    };
+    if let Some(field) = unknown {
+        return Err(ModelError::UnknownField(field));
+    }
     Ok(value)
 }
 

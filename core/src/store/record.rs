@@ -83,6 +83,42 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+impl ObjectKey {
+    /// The Kafka record key of one write of this object: `<kind>/<name>/<write id>`.
+    ///
+    /// Every write has a key of its own, so the log cleaner of a compacted topic never replaces
+    /// one write by another: a record disappears only when a later writer tombstones it after a
+    /// successor was accepted (see [`super::View::stale`]). Keying by object alone would let a
+    /// record that lost a race, written last, shadow the winner once compaction ran.
+    #[must_use]
+    pub fn record_key(&self, write_id: uuid::Uuid) -> String {
+        format!("{self}/{write_id}")
+    }
+
+    /// Splits a record key into the object and the write id: `<kind>/<name>/<write id>`, or
+    /// `<kind>/<name>` as nodes before per-write keys wrote them (no write id).
+    ///
+    /// # Errors
+    /// When the kind is unknown or there is no `/`.
+    pub fn from_record_key(s: &str) -> Result<(Self, Option<uuid::Uuid>), String> {
+        let key: ObjectKey = s.parse()?;
+        match key.name.rsplit_once('/') {
+            Some((name, id)) => {
+                let id = uuid::Uuid::parse_str(id)
+                    .map_err(|e| format!("bad write id in key {s:?}: {e}"))?;
+                Ok((
+                    Self {
+                        kind: key.kind,
+                        name: name.to_owned(),
+                    },
+                    Some(id),
+                ))
+            }
+            None => Ok((key, None)),
+        }
+    }
+}
+
 impl FromStr for ObjectKey {
     type Err = String;
 
@@ -152,6 +188,22 @@ pub struct ConfigRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_keys_name_the_object_and_the_write() {
+        let key = ObjectKey::function("orders");
+        let id = uuid::Uuid::new_v4();
+        let rk = key.record_key(id);
+        assert_eq!(rk, format!("function/orders/{id}"));
+        assert_eq!(ObjectKey::from_record_key(&rk), Ok((key.clone(), Some(id))));
+        // Keys written before per-write keys still name their object.
+        assert_eq!(
+            ObjectKey::from_record_key("function/orders"),
+            Ok((key, None))
+        );
+        assert!(ObjectKey::from_record_key("function/orders/not-a-uuid").is_err());
+        assert!(ObjectKey::from_record_key("nothing").is_err());
+    }
 
     #[test]
     fn provisioned_concurrency_key_round_trips() {

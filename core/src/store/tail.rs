@@ -1,7 +1,6 @@
 //! [`ConfigStore`]: the tail task that keeps a node's [`View`] current, and the write path.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -324,6 +323,7 @@ impl ConfigStore {
             object,
         };
         let payload = serde_json::to_vec(&record).map_err(StoreError::Encode)?;
+        let record_key = key.record_key(record.write_id);
         let (tx, rx) = oneshot::channel();
         self.pending().insert(record.write_id, tx);
         let delivery = self
@@ -331,7 +331,7 @@ impl ConfigStore {
             .producer
             .send(
                 FutureRecord::to(&self.inner.cfg.topic)
-                    .key(&name)
+                    .key(&record_key)
                     .payload(&payload),
                 self.inner.cfg.write_timeout,
             )
@@ -343,6 +343,11 @@ impl ConfigStore {
         let timeout = self.inner.cfg.write_timeout;
         let outcome = tokio::time::timeout(timeout, rx).await;
         self.pending().remove(&record.write_id);
+        if matches!(outcome, Ok(Ok(_))) {
+            // Decided: whatever this object's log holds besides its current record (the one this
+            // write superseded, or this write itself if it lost) can go.
+            self.tombstone_stale(key).await;
+        }
         match outcome {
             Ok(Ok(Outcome::Applied { revision })) => Ok(revision),
             Ok(Ok(Outcome::Conflict { current: actual })) => Err(StoreError::Conflict {
@@ -352,6 +357,25 @@ impl ConfigStore {
             }),
             Ok(Err(_)) => Err(StoreError::Closed),
             Err(_) => Err(StoreError::Timeout(timeout)),
+        }
+    }
+
+    /// Tombstones `key`'s superseded and refused records, so that the log cleaner drops them.
+    /// Best effort: a record left behind only costs space (the view's rule ignores it), and the
+    /// object's next writer tries again.
+    async fn tombstone_stale(&self, key: &ObjectKey) {
+        let stale = self.read_view().stale(key);
+        for record_key in &stale {
+            let tombstone =
+                FutureRecord::<str, [u8]>::to(&self.inner.cfg.topic).key(record_key.as_str());
+            if let Err((e, _)) = self
+                .inner
+                .producer
+                .send(tombstone, self.inner.cfg.write_timeout)
+                .await
+            {
+                warn!(key = %record_key, error = %e, "could not tombstone a superseded configuration record");
+            }
         }
     }
 
@@ -542,10 +566,8 @@ async fn tail(inner: Arc<Inner>) {
             }
         };
         let offset = message.offset();
-        let key = message
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .map(ObjectKey::from_str);
+        let record_key = message.key().and_then(|k| std::str::from_utf8(k).ok());
+        let key = record_key.map(ObjectKey::from_record_key);
         let record = message
             .payload()
             .map(serde_json::from_slice::<ConfigRecord>);
@@ -554,18 +576,22 @@ async fn tail(inner: Arc<Inner>) {
                 .view
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match (key, record) {
-                (Some(Ok(key)), Some(Ok(record))) => {
-                    let outcome = view.apply(key.clone(), &record, offset);
-                    debug!(key = %key, offset, ?outcome, "configuration record");
+            match (record_key, key, record) {
+                (Some(rk), Some(Ok((key, _))), Some(Ok(record))) => {
+                    let outcome = view.apply(rk, key.clone(), &record, offset);
+                    debug!(key = %rk, offset, ?outcome, "configuration record");
                     Some((record.write_id, outcome))
                 }
-                (key, record) => {
+                (Some(rk), Some(Ok((key, _))), None) => {
+                    view.tombstone(rk, &key, offset);
+                    None
+                }
+                (_, key, record) => {
                     // Every node skips the same record, so views stay identical.
                     warn!(
                         offset,
                         ?key,
-                        ok = record.as_ref().map(|r| r.is_ok()),
+                        error = ?record.as_ref().and_then(|r| r.as_ref().err()),
                         "skipping undecodable configuration record"
                     );
                     metrics::counter!("sluice_config_records_skipped_total").increment(1);
@@ -592,3 +618,4 @@ async fn tail(inner: Arc<Inner>) {
     }
     debug!("configuration tail stopped");
 }
+
