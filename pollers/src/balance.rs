@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
 use sluice_leasing::Leaser;
 use tokio_util::sync::CancellationToken;
 
-use crate::async_poller::consume::{Tp, Trackers};
+use crate::runtime::{commit_blocking, Tp, Trackers, RELEASE_DEADLINE};
 
 /// The last partition list, and when it was read.
 pub(crate) type UnitsCache = (std::time::Instant, Vec<Tp>);
@@ -103,6 +103,25 @@ impl Balancer {
         .unwrap_or_default()
     }
 
+    /// The group's committed offset of `tp`, if it has one.
+    async fn committed(&self, tp: &Tp) -> Option<i64> {
+        let consumer = Arc::clone(&self.consumer);
+        let tpl = Self::one(tp, Offset::Invalid);
+        let tp = tp.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = consumer
+                .committed_offsets(tpl, Duration::from_secs(5))
+                .ok()?;
+            match c.find_partition(&tp.0, tp.1)?.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     async fn members(&self) -> usize {
         let mut conn = self.redis.clone();
         let now = sluice_core::time::unix_ms();
@@ -161,7 +180,8 @@ impl Balancer {
                     .await
                 {
                     Ok(Some(lease)) => {
-                        self.lock().own(tp.clone(), lease);
+                        let committed = self.committed(&tp).await;
+                        self.lock().own(tp.clone(), lease, committed);
                         if let Err(e) = self
                             .consumer
                             .incremental_assign(&Self::one(&tp, Offset::Stored))
@@ -173,6 +193,8 @@ impl Balancer {
                             }
                             continue;
                         }
+                        // A partition paused under an earlier ownership starts flowing again.
+                        let _ = self.consumer.resume(&Self::one(&tp, Offset::Invalid));
                         owned += 1;
                         tracing::info!(topic = %tp.0, partition = tp.1, "took partition");
                     }
@@ -192,16 +214,15 @@ impl Balancer {
 
     /// Commits what is done of `tp`, stops consuming it and releases its lease.
     async fn give_back(&self, tp: &Tp) {
-        let tpl = self.lock().commit_list(Some(tp));
-        if tpl.count() > 0 {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
-                tracing::warn!(error = %e, "commit before handing a partition over failed");
-            }
+        // On the blocking pool: a broker outage must not freeze the runtime (API, renewals).
+        if let Err(e) = commit_blocking(&self.consumer, &self.trackers, Some(tp)).await {
+            tracing::warn!(error = %e, "commit before handing a partition over failed");
         }
         let lease = self.lock().disown(tp);
         self.unassign(tp);
         if let Some(lease) = lease {
-            let _ = lease.release().await;
+            // Past the deadline the lease simply expires at its TTL.
+            let _ = tokio::time::timeout(RELEASE_DEADLINE, lease.release()).await;
         }
         tracing::info!(topic = %tp.0, partition = tp.1, "handed partition over");
     }
@@ -222,9 +243,11 @@ impl Balancer {
     /// after the consume loop has drained).
     pub(crate) async fn release_all(&self) {
         let all: Vec<Tp> = self.lock().by_partition.keys().cloned().collect();
-        for tp in all {
-            self.give_back(&tp).await;
+        // One commit for all, then the releases side by side: a step each within its deadline.
+        if let Err(e) = commit_blocking(&self.consumer, &self.trackers, None).await {
+            tracing::warn!(error = %e, "commit before releasing the partitions failed");
         }
+        futures::future::join_all(all.iter().map(|tp| self.give_back(tp))).await;
         let mut conn = self.redis.clone();
         let _: redis::RedisResult<i64> = redis::cmd("ZREM")
             .arg(&self.members_key)

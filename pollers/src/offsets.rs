@@ -39,11 +39,30 @@ impl OffsetTracker {
     /// past the highest seen when all are done. `None` when nothing new can be committed.
     pub fn commit_point(&mut self) -> Option<i64> {
         let point = self.in_flight.first().copied().or(self.next)?;
-        if self.committed == Some(point) {
+        // Never backwards (a record before the resume point fetched again is not a reason).
+        if self.committed.is_some_and(|c| point <= c) {
             return None;
         }
         self.committed = Some(point);
         Some(point)
+    }
+
+    /// Starts an ownership at the group's committed offset `offset`: nothing before it will be
+    /// processed, and [`OffsetTracker::last_commit`] has a value to refresh before any record.
+    pub fn resume_at(&mut self, offset: i64) {
+        self.committed = Some(offset);
+    }
+
+    /// One past the highest offset started, if any.
+    #[must_use]
+    pub fn next(&self) -> Option<i64> {
+        self.next
+    }
+
+    /// The last commit point handed out (or the offset the ownership resumed at).
+    #[must_use]
+    pub fn last_commit(&self) -> Option<i64> {
+        self.committed
     }
 
     /// Records in flight.
@@ -85,6 +104,22 @@ mod tests {
         t.finish(5);
         t.finish(99); // never started: ignored
         assert_eq!(t.max_finished(), Some(6));
+    }
+
+    #[test]
+    fn an_idle_partition_keeps_the_offset_it_resumed_at() {
+        let mut t = OffsetTracker::default();
+        t.resume_at(42);
+        assert_eq!(t.commit_point(), None, "nothing moved");
+        assert_eq!(
+            t.last_commit(),
+            Some(42),
+            "but there is a commit to refresh"
+        );
+        t.start(42);
+        t.finish(42);
+        assert_eq!(t.commit_point(), Some(43));
+        assert_eq!(t.last_commit(), Some(43));
     }
 
     #[test]

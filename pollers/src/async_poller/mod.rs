@@ -14,12 +14,26 @@
 //! Re-queueing and destination writes complete in Kafka before the source offset can be
 //! committed, so nothing acknowledged is lost on a crash; events run concurrently, so one
 //! function's delays or throttling never hold back another's.
+//!
+//! Both groups run on the shared consumer runtime (`crate::runtime`): the queue plugs in one task
+//! per event under a node-wide slot pool in which every active function gets a fair share (an
+//! event over its function's share while the pool is busy goes back through the shortest delay
+//! tier, not counted as an attempt); the delay group plugs in one sequential worker per delay
+//! partition, so a delayed event waits in Kafka (its partition paused) rather than in memory.
+//! Re-queued events are keyed by request id, so a hot function's retries spread over every
+//! partition and node. A panic while handling an event fails it like a function error.
 
-pub(crate) mod consume;
+mod fair;
+mod policy;
 
 use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
 
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::KafkaError;
@@ -34,8 +48,10 @@ use tokio_util::sync::CancellationToken;
 use redis::aio::ConnectionManager;
 use sluice_leasing::Leaser;
 
-use self::consume::Trackers;
+use self::fair::FairShare;
+use self::policy::{Admit, AfterError};
 use crate::balance::Balancer;
+use crate::runtime::{self, Budget, Item, Partition, RunConfig, Trackers};
 
 /// Settings of the async poller.
 #[derive(Debug, Clone)]
@@ -52,9 +68,12 @@ pub struct AsyncPollerConfig {
     pub throttle_backoff_min: Duration,
     /// Longest throttling back-off (Lambda: 5 min).
     pub throttle_backoff_max: Duration,
-    /// Events run at once by this node.
+    /// Events run at once by this node (shared fairly by the functions that have events).
     pub max_in_flight: usize,
-    /// Delayed events this node holds until they are due.
+    /// Slots of `max_in_flight` kept for functions that have none running, so a busy node still
+    /// starts a newcomer's events at once.
+    pub fair_reserve: usize,
+    /// Delayed events this node holds in memory per delay partition; the rest wait in Kafka.
     pub max_delayed: usize,
     /// Partitions of the queue topic when Sluice creates it.
     pub queue_partitions: i32,
@@ -80,7 +99,8 @@ impl AsyncPollerConfig {
             throttle_backoff_min: Duration::from_secs(1),
             throttle_backoff_max: Duration::from_secs(300),
             max_in_flight: 256,
-            max_delayed: 10_000,
+            fair_reserve: 64,
+            max_delayed: 32,
             queue_partitions: 8,
             delay_partitions: 2,
             function_arn_prefix: function_arn_prefix.to_owned(),
@@ -111,8 +131,7 @@ impl AsyncPollerConfig {
     /// The back-off after the `n`th throttle (n ≥ 1).
     #[must_use]
     pub fn throttle_backoff(&self, n: u32) -> Duration {
-        let factor = 2u32.saturating_pow(n.saturating_sub(1).min(20));
-        (self.throttle_backoff_min * factor).min(self.throttle_backoff_max)
+        policy::throttle_backoff(n, self.throttle_backoff_min, self.throttle_backoff_max)
     }
 }
 
@@ -151,8 +170,23 @@ pub struct AsyncPoller {
 
 enum Next {
     Done,
-    Requeue { delay: Duration, event: AsyncEvent },
+    /// The partition moved to another node before the event ran: nothing done here.
+    Abandoned,
+    Requeue {
+        delay: Duration,
+        event: AsyncEvent,
+    },
 }
+
+/// Bytes of queue events one partition holds between fetch and finish.
+const QUEUE_PARTITION_BYTES: usize = 32 * 1024 * 1024;
+/// Bytes of delayed events one delay partition holds in memory.
+const DELAY_PARTITION_BYTES: usize = 8 * 1024 * 1024;
+/// Shutdown: how long events in flight may finish (the node allows all its tasks 10 s; the
+/// commit and the lease releases follow, each with its own shorter deadline).
+const QUEUE_DRAIN: Duration = Duration::from_secs(5);
+/// Shutdown: delayed events are not waited for; they stay in Kafka.
+const DELAY_DRAIN: Duration = Duration::from_secs(1);
 
 impl AsyncPoller {
     /// A poller; nothing runs until [`AsyncPoller::run`].
@@ -256,8 +290,14 @@ impl AsyncPoller {
     /// When topics, consumers or leases cannot be set up.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), PollerError> {
         self.ensure_topics().await?;
-        let queue_trackers = Arc::new(Mutex::new(Trackers::default()));
         let queue = self.consumer(&self.cfg.group_id)?;
+        let queue_trackers = Arc::new(Mutex::new(Trackers::new(
+            Some(Arc::clone(&queue)),
+            Budget {
+                records: self.cfg.max_in_flight.max(1),
+                bytes: QUEUE_PARTITION_BYTES,
+            },
+        )));
         let queue_balancer = self.balancer(
             "async-queue",
             &queue,
@@ -270,79 +310,182 @@ impl AsyncPoller {
             .into_iter()
             .map(|t| self.cfg.delay_topic(t))
             .collect();
-        let delay_trackers = Arc::new(Mutex::new(Trackers::default()));
         let delay = self.consumer(&format!("{}-delay", self.cfg.group_id))?;
+        let delay_trackers = Arc::new(Mutex::new(Trackers::new(
+            Some(Arc::clone(&delay)),
+            Budget {
+                records: self.cfg.max_delayed.max(1),
+                bytes: DELAY_PARTITION_BYTES,
+            },
+        )));
         let delay_balancer =
             self.balancer("async-delay", &delay, &delay_trackers, delay_topics.clone())?;
         tracing::info!(queue = %self.cfg.queue_topic, delay_topics = delay_topics.len(), "async poller started");
+        // Intake stops at `cancel`; the balancers (lease renewal and hand-over) run until the
+        // consume loops have drained and committed, then release every lease.
+        let balancing = CancellationToken::new();
         let balancers = tokio::spawn({
-            let (q, d, cancel) = (
+            let (q, d, stop) = (
                 queue_balancer.clone(),
                 delay_balancer.clone(),
-                cancel.clone(),
+                balancing.clone(),
             );
             async move {
-                tokio::join!(q.run(cancel.clone()), d.run(cancel));
+                tokio::join!(q.run(stop.clone()), d.run(stop));
             }
         });
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.cfg.max_in_flight.max(1)));
+        let fair = Arc::new(FairShare::new(
+            self.cfg.max_in_flight.max(1),
+            self.cfg.fair_reserve,
+        ));
         let me = self.clone();
-        let queue_loop = consume::run(
+        let queue_cancel = cancel.clone();
+        let queue_loop = runtime::run(
             queue,
             queue_trackers,
-            self.cfg.max_in_flight,
-            Duration::from_millis(500),
-            Duration::from_secs(10),
+            RunConfig {
+                name: "async-queue".into(),
+                commit_every: Duration::from_millis(500),
+                drain: QUEUE_DRAIN,
+                channel: self.cfg.max_in_flight.max(1),
+            },
             cancel.clone(),
-            move |m| {
-                let me = me.clone();
-                let event = event_or_drop(m);
-                Some(async move {
-                    if let Some(event) = event {
-                        me.process(event).await;
-                    }
-                })
+            |m, _| event_or_drop(m),
+            move |part, rx| {
+                me.clone().queue_worker(
+                    part,
+                    rx,
+                    Arc::clone(&slots),
+                    Arc::clone(&fair),
+                    queue_cancel.clone(),
+                )
             },
         );
         let me = self.clone();
-        let delay_loop = consume::run(
+        let delay_cancel = cancel.clone();
+        let delay_loop = runtime::run(
             delay,
             delay_trackers,
-            self.cfg.max_delayed,
-            Duration::from_millis(500),
-            Duration::from_secs(1),
-            cancel.clone(),
-            move |m| {
-                let me = me.clone();
-                let event = event_or_drop(m);
-                let cancel = cancel.clone();
-                Some(async move {
-                    let Some(mut event) = event else { return };
-                    let wait = Duration::from_millis(
-                        u64::try_from(event.not_before_ms - now_ms()).unwrap_or(0),
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        // Not done: the offset stays uncommitted and the record comes back.
-                        () = cancel.cancelled() => { std::future::pending::<()>().await }
-                    }
-                    event.not_before_ms = 0;
-                    me.send_durably(&me.cfg.queue_topic, &event).await;
-                })
+            RunConfig {
+                name: "async-delay".into(),
+                commit_every: Duration::from_millis(500),
+                drain: DELAY_DRAIN,
+                channel: self.cfg.max_delayed.max(1),
             },
+            cancel.clone(),
+            |m, _| event_or_drop(m),
+            move |part, rx| me.clone().delay_worker(part, rx, delay_cancel.clone()),
         );
         tokio::join!(queue_loop, delay_loop);
+        balancing.cancel();
         let _ = balancers.await;
         tokio::join!(queue_balancer.release_all(), delay_balancer.release_all());
         tracing::info!("async poller stopped");
         Ok(())
     }
 
-    /// Writes `event` to `topic`, retrying until Kafka has it.
+    /// Runs one queue partition's events: each in its own task under a node-wide slot, within
+    /// its function's fair share.
+    async fn queue_worker(
+        self,
+        part: Partition,
+        mut rx: tokio::sync::mpsc::Receiver<Item<Option<AsyncEvent>>>,
+        slots: Arc<tokio::sync::Semaphore>,
+        fair: Arc<FairShare>,
+        cancel: CancellationToken,
+    ) {
+        let tasks = tokio_util::task::TaskTracker::new();
+        while let Some(item) = rx.recv().await {
+            let slot = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                s = Arc::clone(&slots).acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+            };
+            let me = self.clone();
+            let part = part.clone();
+            let fair = Arc::clone(&fair);
+            tasks.spawn(async move {
+                if let Some(event) = item.value {
+                    let work = async {
+                        match fair.try_acquire(&event.function) {
+                            Some(share) => {
+                                me.process(event, &part).await;
+                                drop(share);
+                            }
+                            None => me.defer(event, &part).await,
+                        }
+                    };
+                    // `process` fails a panicking invocation like a function error; a panic
+                    // anywhere else is counted here, and the offset still moves on.
+                    if AssertUnwindSafe(work).catch_unwind().await.is_err() {
+                        metrics::counter!("sluice_async_handler_panics_total", "function" => "")
+                            .increment(1);
+                        tracing::error!(offset = item.offset, "handling an event panicked");
+                    }
+                }
+                part.finish(item.offset);
+                drop(slot);
+            });
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    /// Runs one delay partition in order: waits for the head event to be due (the partition is
+    /// paused meanwhile, so the rest waits in Kafka), then writes it back to the queue.
+    async fn delay_worker(
+        self,
+        part: Partition,
+        mut rx: tokio::sync::mpsc::Receiver<Item<Option<AsyncEvent>>>,
+        cancel: CancellationToken,
+    ) {
+        while let Some(item) = rx.recv().await {
+            let Some(mut event) = item.value else {
+                part.finish(item.offset);
+                continue;
+            };
+            let wait =
+                Duration::from_millis(u64::try_from(event.not_before_ms - now_ms()).unwrap_or(0));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                // Not done: the offset stays uncommitted and the record comes back.
+                () = cancel.cancelled() => return,
+            }
+            if !part.is_owned() {
+                // Another node owns the partition now and re-queues this event itself.
+                return;
+            }
+            event.not_before_ms = 0;
+            self.send_durably(&self.cfg.queue_topic, &event).await;
+            part.finish(item.offset);
+        }
+    }
+
+    /// An event over its function's fair share of a busy node: back to the queue through the
+    /// delay topics, not counted as an attempt.
+    async fn defer(&self, mut event: AsyncEvent, part: &Partition) {
+        if !part.is_owned() {
+            return;
+        }
+        metrics::counter!("sluice_async_events_deferred_total", "function" => event.function.clone())
+            .increment(1);
+        // Backs off like a throttle (1 s doubling to 5 min), so a function kept over its share
+        // does not cycle its events through Kafka at full speed.
+        event.throttles += 1;
+        let delay = self.cfg.throttle_backoff(event.throttles);
+        event.not_before_ms = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        let topic = self.cfg.delay_topic(delay);
+        self.send_durably(&topic, &event).await;
+    }
+
+    /// Writes `event` to `topic`, retrying until Kafka has it. Keyed by request id: Lambda does
+    /// not order async events, so one function's re-queued events spread over every partition.
     async fn send_durably(&self, topic: &str, event: &AsyncEvent) {
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.events.send(topic, event).await {
-                Ok(_) => return,
+            match self.send(topic, event).await {
+                Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(topic, error = %e, "could not re-queue an event; retrying");
                     tokio::time::sleep(backoff).await;
@@ -350,6 +493,20 @@ impl AsyncPoller {
                 }
             }
         }
+    }
+
+    async fn send(&self, topic: &str, event: &AsyncEvent) -> Result<(), KafkaError> {
+        let headers = event_headers(event);
+        let record = FutureRecord::to(topic)
+            .key(&event.request_id)
+            .payload(&event.payload)
+            .headers(headers);
+        self.events
+            .producer()
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
     }
 
     /// Redis key marking an event as finished (success, or its final failure record written).
@@ -360,7 +517,7 @@ impl AsyncPoller {
         )
     }
 
-    async fn process(&self, event: AsyncEvent) {
+    async fn process(&self, event: AsyncEvent, part: &Partition) {
         let function = event.function.clone();
         // A redelivery after a crash (the offset was not committed yet): skip what already
         // finished, and count it. Only a redelivery of an event that was still running repeats.
@@ -375,7 +532,25 @@ impl AsyncPoller {
             return;
         }
         let key = self.done_key(&event);
-        match self.decide(event).await {
+        let copy = event.clone();
+        let next = match AssertUnwindSafe(self.decide(event, part))
+            .catch_unwind()
+            .await
+        {
+            Ok(next) => next,
+            Err(_) => {
+                // Fail the event like a function error instead of leaving its offset in flight.
+                metrics::counter!("sluice_async_handler_panics_total", "function" => function.clone())
+                    .increment(1);
+                tracing::error!(function = %function, request_id = %copy.request_id, "handling an event panicked; failing it like a function error");
+                let config = self.invoke_config(&copy.function);
+                let mut event = copy;
+                event.attempts += 1;
+                let payload = br#"{"errorMessage":"the poller failed while handling the event","errorType":"Sluice.PollerPanic"}"#;
+                self.on_function_error(event, &config, payload).await
+            }
+        };
+        match next {
             Next::Done => {
                 let _: redis::RedisResult<()> = redis::cmd("SET")
                     .arg(&key)
@@ -385,6 +560,7 @@ impl AsyncPoller {
                     .query_async(&mut conn)
                     .await;
             }
+            Next::Abandoned => {}
             Next::Requeue { delay, mut event } => {
                 event.not_before_ms =
                     now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
@@ -435,43 +611,100 @@ impl AsyncPoller {
             .await;
     }
 
-    async fn decide(&self, mut event: AsyncEvent) -> Next {
+    fn invoke_config(&self, function: &str) -> EventInvokeConfig {
+        self.store
+            .event_invoke_config(function)
+            .map(|c| c.object)
+            .unwrap_or_default()
+    }
+
+    /// The function's configuration; when this node's view does not know it, waits for the view
+    /// to catch up with the log first (a function created a moment ago is not a deleted one).
+    async fn function(&self, name: &str) -> Option<sluice_core::model::FunctionConfig> {
+        if let Some(f) = self.store.function(name) {
+            return Some(f.object);
+        }
+        if let Err(e) = self.store.catch_up().await {
+            tracing::warn!(function = %name, error = %e, "configuration view did not catch up");
+        }
+        self.store.function(name).map(|f| f.object)
+    }
+
+    /// After the `event.attempts`th attempt failed: re-queue after the next retry delay, or write
+    /// the on-failure record once the retries are spent.
+    async fn on_function_error(
+        &self,
+        event: AsyncEvent,
+        config: &EventInvokeConfig,
+        payload: &[u8],
+    ) -> Next {
+        if let AfterError::Retry(delay) = policy::after_function_error(
+            event.attempts,
+            config.maximum_retry_attempts,
+            &self.cfg.retry_delays,
+        ) {
+            return Next::Requeue { delay, event };
+        }
+        metrics::counter!("sluice_async_events_dropped_total", "reason" => "RetriesExhausted")
+            .increment(1);
+        let on_failure = config
+            .destination_config
+            .clone()
+            .unwrap_or_default()
+            .on_failure
+            .and_then(|d| d.destination);
+        self.to_destination(
+            on_failure,
+            &event,
+            Condition::RetriesExhausted,
+            Some((Some("Unhandled".into()), payload)),
+        )
+        .await;
+        Next::Done
+    }
+
+    async fn decide(&self, mut event: AsyncEvent, part: &Partition) -> Next {
         let labels = [("function", event.function.clone())];
-        let Some(function) = self.store.function(&event.function) else {
+        let Some(function) = self.function(&event.function).await else {
             tracing::warn!(function = %event.function, request_id = %event.request_id, "dropping an event of a deleted function");
             metrics::counter!("sluice_async_events_dropped_total", "reason" => "FunctionDeleted")
                 .increment(1);
             return Next::Done;
         };
-        let config: EventInvokeConfig = self
-            .store
-            .event_invoke_config(&event.function)
-            .map(|c| c.object)
-            .unwrap_or_default();
+        let config = self.invoke_config(&event.function);
         let dest = config.destination_config.clone().unwrap_or_default();
         let on_failure = dest.on_failure.and_then(|d| d.destination);
         let on_success = dest.on_success.and_then(|d| d.destination);
         let now = now_ms();
         let age = event.age(now);
         metrics::histogram!("sluice_async_event_age_seconds", &labels).record(age.as_secs_f64());
-        if age
-            > Duration::from_secs(
-                u64::try_from(config.maximum_event_age_in_seconds).unwrap_or(21_600),
-            )
-        {
-            metrics::counter!("sluice_async_events_dropped_total", "reason" => "EventAgeExceeded")
-                .increment(1);
-            tracing::info!(function = %event.function, request_id = %event.request_id, ?age, "event too old");
-            self.to_destination(on_failure, &event, Condition::EventAgeExceeded, None)
-                .await;
-            return Next::Done;
+        match policy::admit(
+            age,
+            config.maximum_event_age_in_seconds,
+            function.reserved_concurrent_executions,
+        ) {
+            Admit::Run => {}
+            Admit::Expired => {
+                metrics::counter!("sluice_async_events_dropped_total", "reason" => "EventAgeExceeded")
+                    .increment(1);
+                tracing::info!(function = %event.function, request_id = %event.request_id, ?age, "event too old");
+                self.to_destination(on_failure, &event, Condition::EventAgeExceeded, None)
+                    .await;
+                return Next::Done;
+            }
+            Admit::ZeroReserved => {
+                metrics::counter!("sluice_async_events_dropped_total", "reason" => "ZeroReservedConcurrency").increment(1);
+                metrics::counter!("sluice_throttles_total", &labels).increment(1);
+                self.to_destination(on_failure, &event, Condition::ZeroReservedConcurrency, None)
+                    .await;
+                return Next::Done;
+            }
         }
-        if function.object.reserved_concurrent_executions == Some(0) {
-            metrics::counter!("sluice_async_events_dropped_total", "reason" => "ZeroReservedConcurrency").increment(1);
-            metrics::counter!("sluice_throttles_total", &labels).increment(1);
-            self.to_destination(on_failure, &event, Condition::ZeroReservedConcurrency, None)
-                .await;
-            return Next::Done;
+        if !part.is_owned() {
+            // A zombie (paused past its lease, or the partition moved): the new owner runs it.
+            metrics::counter!("sluice_poller_zombie_skips_total", "source" => "async-queue")
+                .increment(1);
+            return Next::Abandoned;
         }
         let req = InvokeRequest {
             function: event.function.clone(),
@@ -497,25 +730,8 @@ impl AsyncPoller {
                         error_type,
                         payload,
                     } => {
-                        let retries = u32::try_from(config.maximum_retry_attempts).unwrap_or(2);
-                        let retries = retries
-                            .min(u32::try_from(self.cfg.retry_delays.len()).unwrap_or(u32::MAX));
                         tracing::info!(function = %event.function, request_id = %event.request_id, attempt = event.attempts, %error_type, "function error");
-                        if event.attempts <= retries {
-                            let delay = self.cfg.retry_delays
-                                [usize::try_from(event.attempts - 1).unwrap_or(0)];
-                            Next::Requeue { delay, event }
-                        } else {
-                            metrics::counter!("sluice_async_events_dropped_total", "reason" => "RetriesExhausted").increment(1);
-                            self.to_destination(
-                                on_failure,
-                                &event,
-                                Condition::RetriesExhausted,
-                                Some((Some("Unhandled".into()), &payload)),
-                            )
-                            .await;
-                            Next::Done
-                        }
+                        self.on_function_error(event, &config, &payload).await
                     }
                 }
             }
@@ -535,6 +751,26 @@ impl AsyncPoller {
             }
         }
     }
+}
+
+/// The headers of `event` on the wire, as [`AsyncEvent::from_message`] reads them (the same
+/// names `sluice_core::events` writes; its producer keys by function name, which would put a hot
+/// function's re-queued events on one partition).
+fn event_headers(event: &AsyncEvent) -> OwnedHeaders {
+    let fields = [
+        ("sluice-request-id", event.request_id.clone()),
+        ("sluice-function", event.function.clone()),
+        ("sluice-enqueued-ms", event.enqueued_ms.to_string()),
+        ("sluice-attempts", event.attempts.to_string()),
+        ("sluice-throttles", event.throttles.to_string()),
+        ("sluice-not-before-ms", event.not_before_ms.to_string()),
+    ];
+    fields.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        })
+    })
 }
 
 /// The event in `m`; a record that is not one (on the queue or a delay topic) is logged,

@@ -4,7 +4,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sluice_core::events::now_ms;
 use sluice_core::invoke::{FunctionResult, InvokeRequest};
@@ -12,12 +12,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::event::{failure_record, kafka_event, partial_failures, Partial, Rec, MAX_BATCH_BYTES};
-use super::MappingCtx;
+use super::policy::{self, Outcome, RetryPolicy, Step};
+use super::poller::MappingCtx;
+use crate::runtime::Item;
 
-/// Routes a partition's records to its lanes.
+/// Routes a partition's records to its lanes; records at or below `seen` (the highest offset
+/// finished by an earlier owner) are counted as duplicates. The runtime bounds what a partition
+/// holds, so the lanes' channels never fill past the partition's budget.
 pub(crate) async fn partition_worker(
     ctx: Arc<MappingCtx>,
-    mut rx: mpsc::Receiver<Rec>,
+    mut rx: mpsc::Receiver<Item<Rec>>,
+    seen: i64,
     cancel: CancellationToken,
 ) {
     let n = usize::try_from(ctx.config.parallelization_factor)
@@ -30,7 +35,11 @@ pub(crate) async fn partition_worker(
         lanes.push(tx);
         handles.push(tokio::spawn(lane(Arc::clone(&ctx), lrx, cancel.clone())));
     }
-    while let Some(rec) = rx.recv().await {
+    while let Some(Item { value: rec, .. }) = rx.recv().await {
+        if rec.offset <= seen {
+            metrics::counter!("sluice_stream_duplicates_total", "mapping" => ctx.uuid.clone())
+                .increment(1);
+        }
         let i = if n == 1 {
             0
         } else {
@@ -109,7 +118,12 @@ async fn handle_batch(ctx: &MappingCtx, batch: Vec<Rec>, cancel: &CancellationTo
         metrics::gauge!("sluice_iterator_age_milliseconds", &labels)
             .set((now_ms() - oldest).max(0) as f64);
     }
-    let done = deliver(ctx, pass, 0, cancel).await;
+    let policy = RetryPolicy::new(
+        ctx.config.effective_maximum_retry_attempts(),
+        ctx.config.bisect_batch_on_function_error,
+        0,
+    );
+    let done = deliver(ctx, pass, policy, cancel).await;
     for r in &done {
         ctx.finish(r);
     }
@@ -117,128 +131,123 @@ async fn handle_batch(ctx: &MappingCtx, batch: Vec<Rec>, cancel: &CancellationTo
 
 /// Delivers `recs` (one lane's, in order) until each is processed or sent to the on-failure
 /// destination; returns the records that are finished. Records are not finished when the
-/// partition's lease is lost or the poller stops: they are redelivered to the next owner.
+/// partition's lease is lost or the poller stops: they are redelivered to the next owner. Every
+/// decision is the batch's [`RetryPolicy`]'s; this function does the I/O.
 async fn deliver(
     ctx: &MappingCtx,
     recs: Vec<Rec>,
-    mut retries: i64,
+    mut policy: RetryPolicy,
     cancel: &CancellationToken,
 ) -> Vec<Rec> {
     let labels = [("mapping", ctx.uuid.clone())];
-    let tp = (recs[0].topic.clone(), recs[0].partition);
-    let max_retries = ctx.config.effective_maximum_retry_attempts();
     let max_age_ms = ctx
         .config
         .maximum_record_age_in_seconds
         .saturating_mul(1000);
     let mut pending = recs;
     let mut finished = Vec::new();
-    let mut backoff = Duration::from_millis(100);
-    let mut invokes: u32 = 0;
     loop {
         if pending.is_empty() {
             return finished;
         }
-        if cancel.is_cancelled() || !ctx.lease_valid(&tp) {
+        // A zombie (paused past its lease, or the partition moved) invokes nothing, not even
+        // records fetched before the pause: the new owner has them from the committed offset.
+        if cancel.is_cancelled() || !ctx.owns(&pending[0]) {
             return finished;
         }
-        if ctx.config.maximum_record_age_in_seconds >= 0 {
-            let now = now_ms();
-            let (old, young): (Vec<Rec>, Vec<Rec>) = pending
-                .into_iter()
-                .partition(|r| now - r.timestamp_ms > max_age_ms);
-            if !old.is_empty() {
-                to_failure(ctx, &old, "RecordAgeExceeded", invokes, None).await;
-                finished.extend(old);
-            }
-            pending = young;
-            if pending.is_empty() {
-                return finished;
-            }
+        let (old, young) = policy::split_expired(pending, now_ms(), max_age_ms);
+        if !old.is_empty() {
+            to_failure(ctx, &old, "RecordAgeExceeded", policy.invokes, None).await;
+            finished.extend(old);
         }
-        if pending.len() == 1 && pending[0].encoded_size() > MAX_BATCH_BYTES {
-            to_failure(ctx, &pending, "MaximumPayloadSizeExceeded", invokes, None).await;
-            finished.append(&mut pending);
+        pending = young;
+        if pending.is_empty() {
             return finished;
         }
-        let event = kafka_event(&ctx.bootstrap, &pending);
-        let request_id = uuid_like();
-        let started = Instant::now();
-        let result = ctx
-            .invoker
-            .invoke(InvokeRequest {
-                function: ctx.config.function_name.clone(),
-                request_id: request_id.clone(),
-                payload: event.to_string().into_bytes(),
-                trace_id: String::new(),
-            })
-            .await;
-        let failure_payload = match result {
-            Ok(done) => {
-                invokes += 1;
-                metrics::histogram!("sluice_stream_invoke_seconds", &labels)
-                    .record(started.elapsed().as_secs_f64());
-                match done.result {
-                    FunctionResult::Ok(payload) if ctx.config.reports_batch_item_failures() => {
-                        match partial_failures(&payload, &pending) {
-                            Partial::AllOk => {
-                                finished.append(&mut pending);
-                                return finished;
-                            }
-                            Partial::FailedFrom(lowest) => {
-                                let (ok, rest): (Vec<Rec>, Vec<Rec>) =
-                                    pending.into_iter().partition(|r| r.offset < lowest);
-                                finished.extend(ok);
-                                pending = rest;
-                                payload
-                            }
-                            Partial::Invalid(why) => {
-                                tracing::warn!(mapping = %ctx.uuid, %why, "partial batch response fails the whole batch");
-                                payload
-                            }
-                        }
-                    }
-                    FunctionResult::Ok(_) => {
-                        finished.append(&mut pending);
-                        return finished;
-                    }
-                    FunctionResult::Err { payload, .. } => {
-                        metrics::counter!("sluice_stream_function_errors_total", &labels)
-                            .increment(1);
-                        if ctx.config.bisect_batch_on_function_error && pending.len() > 1 {
-                            // Halves are retried on their own; bisecting uses no retries.
-                            let right = pending.split_off(pending.len() / 2);
-                            let left = pending;
-                            finished.extend(Box::pin(deliver(ctx, left, retries, cancel)).await);
-                            finished.extend(Box::pin(deliver(ctx, right, retries, cancel)).await);
-                            return finished;
-                        }
-                        payload
-                    }
-                }
-            }
-            Err(e) => {
-                // Throttles and capacity problems are not retries: wait and try again.
-                tracing::debug!(mapping = %ctx.uuid, error = %e, ?backoff, "could not invoke; backing off");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        retries += 1;
-        if max_retries.is_some_and(|m| retries > m) {
+        if policy::too_big(&pending) {
             to_failure(
                 ctx,
                 &pending,
-                "RetryAttemptsExhausted",
-                invokes,
-                Some(&failure_payload),
+                "MaximumPayloadSizeExceeded",
+                policy.invokes,
+                None,
             )
             .await;
             finished.append(&mut pending);
             return finished;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let event = kafka_event(&ctx.bootstrap, &pending);
+        let started = Instant::now();
+        let result = ctx
+            .invoker
+            .invoke(InvokeRequest {
+                function: ctx.config.function_name.clone(),
+                request_id: uuid_like(),
+                payload: event.to_string().into_bytes(),
+                trace_id: String::new(),
+            })
+            .await;
+        let (outcome, error) = match result {
+            Ok(done) => {
+                metrics::histogram!("sluice_stream_invoke_seconds", &labels)
+                    .record(started.elapsed().as_secs_f64());
+                match done.result {
+                    FunctionResult::Ok(payload) if ctx.config.reports_batch_item_failures() => {
+                        match partial_failures(&payload, &pending) {
+                            Partial::AllOk => (Outcome::Ok, Vec::new()),
+                            Partial::FailedFrom(lowest) => {
+                                let (ok, rest): (Vec<Rec>, Vec<Rec>) =
+                                    pending.into_iter().partition(|r| r.offset < lowest);
+                                finished.extend(ok);
+                                pending = rest;
+                                (Outcome::Partial, payload)
+                            }
+                            Partial::Invalid(why) => {
+                                tracing::warn!(mapping = %ctx.uuid, %why, "partial batch response fails the whole batch");
+                                (Outcome::Partial, payload)
+                            }
+                        }
+                    }
+                    FunctionResult::Ok(_) => (Outcome::Ok, Vec::new()),
+                    FunctionResult::Err { payload, .. } => {
+                        metrics::counter!("sluice_stream_function_errors_total", &labels)
+                            .increment(1);
+                        (Outcome::FunctionError, payload)
+                    }
+                }
+            }
+            Err(e) => {
+                // Throttles and capacity problems are not retries: wait and try again.
+                tracing::debug!(mapping = %ctx.uuid, error = %e, "could not invoke; backing off");
+                (Outcome::NotInvoked, Vec::new())
+            }
+        };
+        match policy.after(outcome, pending.len()) {
+            Step::Done => {
+                finished.append(&mut pending);
+                return finished;
+            }
+            Step::Bisect => {
+                let right = pending.split_off(pending.len() / 2);
+                let left = pending;
+                let (l, r) = (policy.half(), policy.half());
+                finished.extend(Box::pin(deliver(ctx, left, l, cancel)).await);
+                finished.extend(Box::pin(deliver(ctx, right, r, cancel)).await);
+                return finished;
+            }
+            Step::Fail { condition } => {
+                to_failure(ctx, &pending, condition, policy.invokes, Some(&error)).await;
+                finished.append(&mut pending);
+                return finished;
+            }
+            Step::Invoke { after } => {
+                // Back off instead of re-invoking at once.
+                tokio::select! {
+                    () = cancel.cancelled() => return finished,
+                    () = tokio::time::sleep(after) => {}
+                }
+            }
+        }
     }
 }
 
