@@ -32,9 +32,29 @@ async fn send(
     serde_json::from_str(&body).unwrap_or(Value::Null)
 }
 
-/// The records of `topic` in log order; `None` payloads are tombstones.
-async fn records(topic: &str, at_least: usize) -> Vec<(String, Option<Vec<u8>>)> {
-    read_until(topic, Duration::from_secs(20), move |got| got.len() >= at_least)
+/// The end offset of partition 0 of `topic` (the config topic has one partition).
+async fn end_offset(topic: &str) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .create()
+            .expect("consumer");
+        let (_, high) = c
+            .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+            .expect("watermarks");
+        usize::try_from(high).expect("offset")
+    })
+    .await
+    .expect("watermarks task")
+}
+
+/// Every record of `topic` in log order, up to its end offset now; `None` payloads are
+/// tombstones.
+async fn records(topic: &str) -> Vec<(String, Option<Vec<u8>>)> {
+    let end = end_offset(topic).await;
+    read_until(topic, Duration::from_secs(20), move |got| got.len() >= end)
         .await
         .into_iter()
         .map(|(k, v)| (k, if v.is_empty() { None } else { Some(v) }))
@@ -61,38 +81,41 @@ fn object_of(key: &str) -> String {
     key.splitn(3, '/').take(2).collect::<Vec<_>>().join("/")
 }
 
-fn functions_by_name(list: &Value) -> Vec<(String, Value)> {
-    let mut out: Vec<(String, Value)> = list["Functions"]
+/// The objects of a List* answer (`list[array]`), by `id`, keeping only `fields`: what two nodes
+/// with the same configuration must agree on.
+fn by_id(list: &Value, array: &str, id: &str, fields: &[&str]) -> Vec<(String, Value)> {
+    let mut out: Vec<(String, Value)> = list[array]
         .as_array()
-        .expect("Functions")
+        .unwrap_or_else(|| panic!("{array} in {list}"))
         .iter()
-        .map(|f| {
-            (
-                f["FunctionName"].as_str().expect("name").to_owned(),
-                json!({ "MemorySize": f["MemorySize"], "Timeout": f["Timeout"],
-                        "RevisionId": f["RevisionId"], "LastModified": f["LastModified"] }),
-            )
+        .map(|o| {
+            let kept: serde_json::Map<String, Value> = fields
+                .iter()
+                .map(|f| ((*f).to_owned(), o[*f].clone()))
+                .collect();
+            (o[id].as_str().expect("id").to_owned(), Value::Object(kept))
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
+fn functions_by_name(list: &Value) -> Vec<(String, Value)> {
+    by_id(
+        list,
+        "Functions",
+        "FunctionName",
+        &["MemorySize", "Timeout", "RevisionId", "LastModified"],
+    )
+}
+
 fn mappings_by_uuid(list: &Value) -> Vec<(String, Value)> {
-    let mut out: Vec<(String, Value)> = list["EventSourceMappings"]
-        .as_array()
-        .expect("EventSourceMappings")
-        .iter()
-        .map(|m| {
-            (
-                m["UUID"].as_str().expect("uuid").to_owned(),
-                json!({ "BatchSize": m["BatchSize"], "FunctionArn": m["FunctionArn"],
-                        "Topics": m["Topics"], "State": m["State"] }),
-            )
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    by_id(
+        list,
+        "EventSourceMappings",
+        "UUID",
+        &["BatchSize", "FunctionArn", "Topics", "State"],
+    )
 }
 
 #[tokio::test]
@@ -173,7 +196,7 @@ async fn a_node_started_on_a_compacted_config_log_sees_what_the_others_see() {
     // create of `upd` again, based on revision 0, written after the winners, keyed as the store
     // keys its own writes.
     let config_a = format!("{prefix_a}.config");
-    let log = records(&config_a, 9).await;
+    let log = records(&config_a).await;
     let (create_key, create) = log
         .iter()
         .find(|(k, v)| {
@@ -210,7 +233,7 @@ async fn a_node_started_on_a_compacted_config_log_sees_what_the_others_see() {
     assert_eq!(upd["MemorySize"], 512, "the live node applied a losing record");
 
     // Compact A's log into B's config topic and start B on it.
-    let log = records(&config_a, log.len() + 1).await;
+    let log = records(&config_a).await;
     let compacted = compact(&log);
     let upd_records = compacted
         .iter()
@@ -313,7 +336,7 @@ async fn a_record_from_a_newer_node_is_applied_and_user_input_stays_strict() {
     // The newer node's record: this node's own record of `base`, renamed, with fields added at
     // the top level and inside nested objects.
     let topic = format!("{prefix}.config");
-    let log = records(&topic, 1).await;
+    let log = records(&topic).await;
     let (_, payload) = log
         .iter()
         .find(|(k, _)| object_of(k) == "function/base")

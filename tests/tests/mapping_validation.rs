@@ -22,20 +22,41 @@ fn mapping(topic: &str, extra: &Value) -> Value {
     m
 }
 
-#[tokio::test]
-async fn consumer_groups_are_unique_and_sluices_own_topics_and_groups_cannot_be_mapped() {
+/// A node with function `f`; its Redis, the bundle and the topic prefix.
+struct Setup {
+    node: Node,
+    prefix: String,
+    http: reqwest::Client,
+    _redis: RedisServer,
+    _bundle: Bundle,
+}
+
+async fn setup(name: &str) -> Setup {
     let redis = RedisServer::start();
-    let prefix = unique_name("mv").replace('-', "");
+    let prefix = unique_name(name).replace('-', "");
     let node = Node::start(&bootstrap(), &redis.url(), &prefix, &[]);
     let bundle = Bundle::of("fn-echo");
     let http = reqwest::Client::new();
-    let (status, _) = post(
+    let (status, body) = post(
         &http,
         &format!("{}/2015-03-31/functions", node.endpoint),
         &json!({ "FunctionName": "f", "Code": { "Path": bundle.path() } }),
     )
     .await;
-    assert_eq!(status, 201);
+    assert_eq!(status, 201, "{body}");
+    Setup {
+        node,
+        prefix,
+        http,
+        _redis: redis,
+        _bundle: bundle,
+    }
+}
+
+#[tokio::test]
+async fn consumer_groups_are_unique_and_sluices_own_topics_and_groups_cannot_be_mapped() {
+    let s = setup("mv").await;
+    let (node, prefix, http) = (&s.node, &s.prefix, &s.http);
     let url = format!("{}/2015-03-31/event-source-mappings/", node.endpoint);
     let (t1, t2) = (unique_name("mv-a"), unique_name("mv-b"));
     create_topic(&t1, 1).await.expect("topic");
@@ -43,18 +64,18 @@ async fn consumer_groups_are_unique_and_sluices_own_topics_and_groups_cannot_be_
     let group = unique_name("shared-group");
     let g = json!({ "SelfManagedKafkaEventSourceConfig": { "ConsumerGroupId": group } });
 
-    let (status, first) = post(&http, &url, &mapping(&t1, &g)).await;
+    let (status, first) = post(http, &url, &mapping(&t1, &g)).await;
     assert_eq!(status, 202, "{first}");
     let first_uuid = first["UUID"].as_str().expect("uuid").to_owned();
     // Same group, other topic: its commits would overwrite the first mapping's.
-    let (status, body) = post(&http, &url, &mapping(&t2, &g)).await;
+    let (status, body) = post(http, &url, &mapping(&t2, &g)).await;
     assert_eq!(status, 400, "a second mapping on group {group} was accepted: {body}");
     assert_eq!(body["Type"], "User", "{body}");
     let msg = body["message"].as_str().unwrap_or_default();
     assert!(msg.contains("ConsumerGroupId") && msg.contains(&first_uuid), "{msg}");
 
     // A mapping without a ConsumerGroupId gets its UUID as group; nobody may take that one.
-    let (status, second) = post(&http, &url, &mapping(&t2, &json!({}))).await;
+    let (status, second) = post(http, &url, &mapping(&t2, &json!({}))).await;
     assert_eq!(status, 202, "{second}");
     let second_uuid = second["UUID"].as_str().expect("uuid").to_owned();
     let (status, body) = post(
@@ -70,7 +91,7 @@ async fn consumer_groups_are_unique_and_sluices_own_topics_and_groups_cannot_be_
 
     // Sluice's own topics: the async queue holds every function's events.
     for own in [format!("{prefix}.async"), format!("{prefix}.config")] {
-        let (status, body) = post(&http, &url, &mapping(&own, &json!({}))).await;
+        let (status, body) = post(http, &url, &mapping(&own, &json!({}))).await;
         assert_eq!(status, 400, "mapping on {own} accepted: {body}");
         assert!(
             body["message"].as_str().unwrap_or_default().contains("Sluice's own topics"),
@@ -92,30 +113,20 @@ async fn consumer_groups_are_unique_and_sluices_own_topics_and_groups_cannot_be_
 
 #[tokio::test]
 async fn filter_patterns_are_checked_by_the_pollers_compiler_at_create_and_update() {
-    let redis = RedisServer::start();
-    let prefix = unique_name("mvf").replace('-', "");
-    let node = Node::start(&bootstrap(), &redis.url(), &prefix, &[]);
-    let bundle = Bundle::of("fn-echo");
-    let http = reqwest::Client::new();
-    let (status, _) = post(
-        &http,
-        &format!("{}/2015-03-31/functions", node.endpoint),
-        &json!({ "FunctionName": "f", "Code": { "Path": bundle.path() } }),
-    )
-    .await;
-    assert_eq!(status, 201);
+    let s = setup("mvf").await;
+    let (node, http) = (&s.node, &s.http);
     let url = format!("{}/2015-03-31/event-source-mappings/", node.endpoint);
     let topic = unique_name("mvf");
     create_topic(&topic, 1).await.expect("topic");
     // A JSON object on `value`, so the old shape check passed it; the leaf is not a list of
     // conditions, so the poller's compiler refuses it.
     let bad = json!({ "FilterCriteria": { "Filters": [ { "Pattern": r#"{"value":{"kind":"order"}}"# } ] } });
-    let (status, body) = post(&http, &url, &mapping(&topic, &bad)).await;
+    let (status, body) = post(http, &url, &mapping(&topic, &bad)).await;
     assert_eq!(status, 400, "{body}");
     let msg = body["message"].as_str().unwrap_or_default();
     assert!(msg.contains("FilterCriteria.Filters[0].Pattern"), "{msg}");
 
-    let (status, m) = post(&http, &url, &mapping(&topic, &json!({}))).await;
+    let (status, m) = post(http, &url, &mapping(&topic, &json!({}))).await;
     assert_eq!(status, 202, "{m}");
     let uuid = m["UUID"].as_str().expect("uuid");
     let r = http
