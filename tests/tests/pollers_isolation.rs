@@ -67,6 +67,8 @@ struct Scripted {
     scripts: Arc<HashMap<String, Script>>,
     calls: Arc<Mutex<Vec<Call>>>,
     gate: Arc<Semaphore>,
+    /// Invocations begun (gated ones are recorded as calls only when they end).
+    started: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Scripted {
@@ -81,6 +83,7 @@ impl Scripted {
             scripts: Arc::new(scripts.iter().map(|(f, s)| ((*f).to_owned(), *s)).collect()),
             calls: Arc::default(),
             gate: Arc::new(Semaphore::new(0)),
+            started: Arc::default(),
         }
     }
 
@@ -121,6 +124,8 @@ impl Invoker for Scripted {
             .copied()
             .unwrap_or(Script::Ok);
         let mut records = Vec::new();
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let ok = match script {
             Script::Ok => true,
             Script::Gated => {
@@ -459,6 +464,113 @@ async fn a_panic_while_handling_an_event_fails_it_like_a_function_error() {
         json!(2),
         "the panicking attempt and its one retry"
     );
+}
+
+impl Env {
+    /// Starts a stream tracker for node `node` (its own cancel token, returned with its task).
+    async fn stream_tracker(
+        &self,
+        node: &str,
+        invoker: &Scripted,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let producer: FutureProducer = self
+            .kafka
+            .durable_producer_config()
+            .create()
+            .expect("producer");
+        let tracker = StreamTracker::new(
+            StreamConfig {
+                node_id: node.into(),
+                redis_prefix: format!("{}:", self.prefix),
+                lease_ttl: Duration::from_secs(3),
+                function_arn_prefix: ARN.into(),
+            },
+            self.kafka.clone(),
+            self.store.clone(),
+            Arc::new(invoker.clone()),
+            DestinationWriter::new(self.kafka.clone(), producer, 1),
+            self.redis.connect().await,
+        );
+        let cancel = self.cancel.child_token();
+        let handle = tokio::spawn(tracker.run(cancel.clone()));
+        (cancel, handle)
+    }
+
+    /// Creates a mapping of `function` on `topic` (TRIM_HORIZON); returns its uuid and group.
+    async fn map(&self, function: &str, topic: &str) -> (String, String) {
+        let config: EventSourceMappingConfig = parse(
+            &json!({
+                "FunctionName": function,
+                "Topics": [topic],
+                "StartingPosition": "TRIM_HORIZON",
+                "SelfManagedEventSource": { "Endpoints": { "KAFKA_BOOTSTRAP_SERVERS": [bootstrap()] } },
+            })
+            .to_string(),
+            Format::Json,
+        )
+        .expect("valid mapping");
+        let uuid = unique_name("esm");
+        let group = config.consumer_group_id().unwrap_or(&uuid).to_owned();
+        self.store
+            .write(
+                &ObjectKey::event_source_mapping(&uuid),
+                Some(ConfigObject::EventSourceMapping(Box::new(
+                    EventSourceMappingState {
+                        uuid: uuid.clone(),
+                        config,
+                        state: MappingState::Creating,
+                        state_transition_reason: "USER_INITIATED".into(),
+                        last_modified: 0.0,
+                        last_processing_result: String::new(),
+                    },
+                ))),
+                Expected::Absent,
+            )
+            .await
+            .expect("mapping");
+        (uuid, group)
+    }
+
+    /// The lease keys of mapping `uuid` held in Redis.
+    async fn mapping_leases(&self, uuid: &str) -> Vec<String> {
+        let mut conn = self.redis.connect().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*lease:esm:{uuid}:*"))
+            .query_async(&mut conn)
+            .await
+            .expect("keys");
+        keys.into_iter().filter(|k| !k.ends_with(":fence")).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_hands_partitions_back_within_the_nodes_deadline() {
+    let env = env(&["f"]).await;
+    let invoker = Scripted::new(&[("f", Script::Gated)]);
+    let (cancel, handle) = env.stream_tracker("node-a", &invoker).await;
+    let topic = unique_name("drain");
+    create_topic(&topic, 1).await.expect("topic");
+    produce(&topic, 0, 5, false).await;
+    let (uuid, _) = env.map("f", &topic).await;
+    wait_for("the batch to be in flight", Duration::from_secs(60), || {
+        invoker.started.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    assert_eq!(env.mapping_leases(&uuid).await.len(), 1, "the partition is leased");
+    // The function never returns: shutdown must still hand the partition back (commit what is
+    // done, release the lease) within the node's 10 s for all its tasks.
+    let stopping = tokio::time::Instant::now();
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("the tracker stops within the node's shutdown deadline")
+        .expect("tracker task");
+    assert!(
+        env.mapping_leases(&uuid).await.is_empty(),
+        "the lease is released, not left to expire"
+    );
+    eprintln!("stopped and released in {:?}", stopping.elapsed());
+    invoker.open_gate();
 }
 
 /// Produces `n` records to `partition`, the first one poison when `poison`.
