@@ -2,13 +2,22 @@
 //! fetch it, and unpacked into a local cache on first use.
 //!
 //! A bundle is written to the code topic as chunks of at most [`CHUNK_BYTES`] (Kafka's default
-//! message limit is 1 MB), keyed by its SHA-256, in one partition; the function's configuration
-//! keeps where the chunks are ([`StoredCode`]). A worker reads the chunks back, checks the hash
-//! and unpacks the zip into `<cache>/<sha256>/`.
+//! message limit is 1 MB), each keyed `<sha256>/<index>`, in one partition; the function's
+//! configuration keeps where the chunks are ([`StoredCode`]). A worker reads the chunks back
+//! (placing each by its index), checks the hash and unpacks the zip into `<cache>/<sha256>/`.
+//!
+//! Code never expires: the topic is compacted with infinite retention ([`code_topic_spec`], an
+//! existing topic is corrected at start), and since every chunk has its own key, compaction keeps
+//! every chunk of every bundle (storing the same bundle again only replaces its own chunks; a
+//! reader starting at the first store's offset finds the newer copies further on).
+//!
+//! The local cache is bounded ([`CodeCache`]): least recently used bundles go first once it is
+//! over its size, but never one used within [`CACHE_IN_USE_GRACE`], which a warm sandbox may still
+//! be running from.
 
 use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -16,7 +25,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 
-use crate::kafka::{ensure_topic, KafkaSettings, TopicSpec};
+use crate::kafka::{KafkaSettings, TopicSpec};
 use crate::model::StoredCode;
 
 /// Largest chunk written to the code topic.
@@ -25,6 +34,154 @@ pub const CHUNK_BYTES: usize = 512 * 1024;
 pub const MAX_ZIP_BYTES: usize = 50 * 1024 * 1024;
 /// Lambda's limit on an unpacked bundle.
 pub const MAX_UNPACKED_BYTES: u64 = 250 * 1024 * 1024;
+
+/// Bundles used within this long are never evicted from the cache: a warm sandbox may still run
+/// from them (Lambda's longest function timeout).
+pub const CACHE_IN_USE_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// The code topic: one partition (a bundle's chunks in order), compacted (chunk keys are
+/// unique, so nothing of a live bundle is ever compacted away) and never deleted by age.
+#[must_use]
+pub fn code_topic_spec(topic: &str) -> TopicSpec {
+    TopicSpec {
+        name: topic.to_owned(),
+        partitions: 1,
+        config: vec![
+            ("cleanup.policy", "compact".to_owned()),
+            ("retention.ms", "-1".to_owned()),
+            ("retention.bytes", "-1".to_owned()),
+        ],
+    }
+}
+
+/// Creates the code topic, or corrects an existing one to [`code_topic_spec`] (a topic made by
+/// an older node has the broker's default retention, 7 days on Kafka). Before an existing topic
+/// becomes compacted, chunks written under the bare bundle hash (before chunk keys were unique,
+/// so compaction would keep only the last chunk of each bundle) are written again under their
+/// own keys. Blocks a thread for the migration.
+///
+/// # Errors
+/// [`CodeError::Kafka`] when the topic cannot be created, read, migrated or corrected.
+pub async fn ensure_code_topic(kafka: &KafkaSettings, topic: &str) -> Result<(), CodeError> {
+    let spec = code_topic_spec(topic);
+    let created = crate::kafka::create_topic_if_missing(kafka, &spec)
+        .await
+        .map_err(|e| CodeError::Kafka(format!("create {topic}: {e}")))?;
+    if created {
+        return Ok(());
+    }
+    let config = crate::kafka::topic_config(kafka, topic)
+        .await
+        .map_err(|e| CodeError::Kafka(format!("describe {topic}: {e}")))?;
+    let compacted = config
+        .iter()
+        .any(|(k, v)| k == "cleanup.policy" && v.as_deref() == Some("compact"));
+    if !compacted {
+        let (k, t) = (kafka.clone(), topic.to_owned());
+        let rt = tokio::runtime::Handle::current();
+        let moved = tokio::task::spawn_blocking(move || rekey_legacy_chunks(&k, &t, &rt))
+            .await
+            .map_err(|e| CodeError::Kafka(e.to_string()))??;
+        if moved > 0 {
+            tracing::info!(
+                topic,
+                chunks = moved,
+                "wrote legacy code chunks again under their own keys"
+            );
+        }
+    }
+    crate::kafka::correct_topic_config(kafka, &spec)
+        .await
+        .map(|_| ())
+        .map_err(|e| CodeError::Kafka(format!("correct the configuration of {topic}: {e}")))
+}
+
+/// Writes every chunk keyed by a bare hash again, keyed `<sha256>/<index>`; returns how many.
+fn rekey_legacy_chunks(
+    kafka: &KafkaSettings,
+    topic: &str,
+    rt: &tokio::runtime::Handle,
+) -> Result<usize, CodeError> {
+    use rdkafka::message::Headers;
+    let kerr = |e: rdkafka::error::KafkaError| CodeError::Kafka(e.to_string());
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", "sluice-code-rekey")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(kerr)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(kerr)?;
+    consumer.assign(&tpl).map_err(kerr)?;
+    let producer: FutureProducer = kafka.durable_producer_config().create().map_err(kerr)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let mut moved = 0;
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(CodeError::Kafka(format!("timed out re-keying {topic}")));
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = match m {
+            Ok(m) => m,
+            Err(rdkafka::error::KafkaError::PartitionEOF(_)) => break,
+            Err(e) => return Err(kerr(e)),
+        };
+        let Some(sha) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+            continue;
+        };
+        if sha.contains('/') {
+            continue;
+        }
+        let idx = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "sluice-chunk")
+                .and_then(|h| h.value)
+                .map(<[u8]>::to_vec)
+        });
+        let Some(i) = chunk_index(sha, m.key(), idx.as_deref()) else {
+            continue;
+        };
+        let key = chunk_key(sha, i);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "sluice-chunk",
+            value: idx.as_deref(),
+        });
+        let payload = m.payload().unwrap_or_default();
+        let record = FutureRecord::to(topic)
+            .key(&key)
+            .payload(payload)
+            .partition(0)
+            .headers(headers);
+        rt.block_on(producer.send(record, Duration::from_secs(30)))
+            .map_err(|(e, _)| kerr(e))?;
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+fn chunk_key(sha: &str, index: usize) -> String {
+    format!("{sha}/{index}")
+}
+
+/// The index of the chunk of bundle `sha` in a record with `key` and chunk header `idx`
+/// (`"i/n"`); `None` for a record of another bundle. Records written before chunk keys were
+/// unique are keyed by the bare hash.
+fn chunk_index(sha: &str, key: Option<&[u8]>, idx: Option<&[u8]>) -> Option<usize> {
+    let key = std::str::from_utf8(key?).ok()?;
+    match key.strip_prefix(sha)? {
+        "" => std::str::from_utf8(idx?)
+            .ok()?
+            .split('/')
+            .next()?
+            .parse()
+            .ok(),
+        rest => rest.strip_prefix('/')?.parse().ok(),
+    }
+}
 
 /// Why code could not be stored, fetched or unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -102,22 +259,17 @@ pub async fn store(
     topic: &str,
     zip: &[u8],
 ) -> Result<StoredCode, CodeError> {
-    ensure_topic(
-        kafka,
-        &TopicSpec {
-            name: topic.to_owned(),
-            partitions: 1,
-            config: Vec::new(),
-        },
-    )
-    .await
-    .map_err(|e| CodeError::Kafka(e.to_string()))?;
+    // The node corrects an existing topic at start (`ensure_code_topic`); here only create it.
+    crate::kafka::create_topic_if_missing(kafka, &code_topic_spec(topic))
+        .await
+        .map_err(|e| CodeError::Kafka(e.to_string()))?;
     let sha = hex(&Sha256::digest(zip));
     let chunks: Vec<&[u8]> = zip.chunks(CHUNK_BYTES).collect();
     let n = chunks.len();
     let mut first = None;
     for (i, chunk) in chunks.into_iter().enumerate() {
         let idx = format!("{i}/{n}");
+        let key = chunk_key(&sha, i);
         let headers = OwnedHeaders::new().insert(Header {
             key: "sluice-chunk",
             value: Some(idx.as_bytes()),
@@ -125,7 +277,7 @@ pub async fn store(
         let d = producer
             .send(
                 FutureRecord::to(topic)
-                    .key(&sha)
+                    .key(&key)
                     .payload(chunk)
                     .partition(0)
                     .headers(headers),
@@ -148,7 +300,8 @@ pub async fn store(
 /// returns that directory. Blocking: call it from a blocking thread.
 ///
 /// # Errors
-/// [`CodeError`] when it cannot be read, does not match its hash, or cannot be unpacked.
+/// [`CodeError`] when it cannot be read (chunks missing from the topic, Kafka unreachable),
+/// does not match its hash, or cannot be unpacked.
 pub fn fetch_and_unpack(
     kafka: &KafkaSettings,
     code: &StoredCode,
@@ -158,10 +311,16 @@ pub fn fetch_and_unpack(
     if dir.join("bootstrap").is_file() {
         return Ok(dir);
     }
+    let zip = fetch(kafka, code)?;
+    unpack(&zip, code, cache, dir)
+}
+
+fn fetch(kafka: &KafkaSettings, code: &StoredCode) -> Result<Vec<u8>, CodeError> {
     let consumer: BaseConsumer = kafka
         .client_config()
         .set("group.id", "sluice-code-fetch")
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .create()
         .map_err(|e| CodeError::Kafka(e.to_string()))?;
     let mut tpl = TopicPartitionList::new();
@@ -170,10 +329,11 @@ pub fn fetch_and_unpack(
     consumer
         .assign(&tpl)
         .map_err(|e| CodeError::Kafka(e.to_string()))?;
-    let mut zip = Vec::with_capacity(usize::try_from(code.size).unwrap_or(0));
-    let mut got = 0;
+    let n = usize::try_from(code.chunks).unwrap_or(0);
+    let mut chunks: Vec<Option<Vec<u8>>> = vec![None; n];
+    let mut missing = n;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while got < code.chunks {
+    while missing > 0 {
         if std::time::Instant::now() > deadline {
             return Err(CodeError::Kafka(format!(
                 "timed out reading code {} from {}",
@@ -183,20 +343,42 @@ pub fn fetch_and_unpack(
         let Some(m) = consumer.poll(Duration::from_millis(500)) else {
             continue;
         };
-        let m = m.map_err(|e| CodeError::Kafka(e.to_string()))?;
-        if m.key() != Some(code.sha256.as_bytes()) {
+        let m = match m {
+            Ok(m) => m,
+            Err(rdkafka::error::KafkaError::PartitionEOF(_)) => {
+                return Err(CodeError::Kafka(format!(
+                    "{missing} of the {n} chunks of code {} are not in {} from offset {} on",
+                    code.sha256, code.topic, code.offset
+                )));
+            }
+            Err(e) => return Err(CodeError::Kafka(e.to_string())),
+        };
+        let idx = m.headers().and_then(|h| {
+            use rdkafka::message::Headers;
+            h.iter()
+                .find(|h| h.key == "sluice-chunk")
+                .and_then(|h| h.value)
+        });
+        let Some(i) = chunk_index(&code.sha256, m.key(), idx).filter(|i| *i < n) else {
             continue;
+        };
+        if chunks[i].is_none() {
+            chunks[i] = Some(m.payload().unwrap_or_default().to_vec());
+            missing -= 1;
         }
-        zip.extend_from_slice(m.payload().unwrap_or_default());
-        got += 1;
     }
+    let zip = chunks.into_iter().flatten().flatten().collect::<Vec<u8>>();
     if hex(&Sha256::digest(&zip)) != code.sha256 {
         return Err(CodeError::Invalid(format!(
             "code {} read back from Kafka does not match its hash",
             code.sha256
         )));
     }
-    check_zip(&zip)?;
+    Ok(zip)
+}
+
+fn unpack(zip: &[u8], code: &StoredCode, cache: &Path, dir: PathBuf) -> Result<PathBuf, CodeError> {
+    check_zip(zip)?;
     let tmp = cache.join(format!(".{}.{}", code.sha256, std::process::id()));
     let unpack = |source| CodeError::Unpack {
         path: tmp.clone(),
@@ -204,7 +386,7 @@ pub fn fetch_and_unpack(
     };
     std::fs::create_dir_all(&tmp).map_err(unpack)?;
     let mut archive =
-        zip::ZipArchive::new(Cursor::new(&zip)).map_err(|e| CodeError::Invalid(e.to_string()))?;
+        zip::ZipArchive::new(Cursor::new(zip)).map_err(|e| CodeError::Invalid(e.to_string()))?;
     for i in 0..archive.len() {
         use std::os::unix::fs::PermissionsExt;
         let mut f = archive
@@ -244,4 +426,151 @@ pub fn fetch_and_unpack(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(dir)
+}
+
+/// The worker's unpacked-code cache: `<dir>/<sha256>/`, at most `max_bytes` on disk (least
+/// recently used out first; bundles used within [`CACHE_IN_USE_GRACE`] stay, so the bound can be
+/// passed while many bundles are in use).
+#[derive(Debug, Clone)]
+pub struct CodeCache {
+    /// The cache directory.
+    pub dir: PathBuf,
+    /// Its size bound.
+    pub max_bytes: u64,
+}
+
+impl CodeCache {
+    /// A cache in `dir` bounded by `max_bytes`.
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>, max_bytes: u64) -> Self {
+        Self {
+            dir: dir.into(),
+            max_bytes,
+        }
+    }
+
+    /// [`fetch_and_unpack`] into this cache; marks the bundle used and evicts least recently
+    /// used ones past the bound. Blocking.
+    ///
+    /// # Errors
+    /// As [`fetch_and_unpack`].
+    pub fn get(&self, kafka: &KafkaSettings, code: &StoredCode) -> Result<PathBuf, CodeError> {
+        let fresh = !self.dir.join(&code.sha256).join("bootstrap").is_file();
+        let dir = fetch_and_unpack(kafka, code, &self.dir)?;
+        touch(&self.dir, &code.sha256);
+        if fresh {
+            self.evict(&code.sha256);
+        }
+        Ok(dir)
+    }
+
+    /// Removes least recently used bundles (never `keep`, never one used within the grace)
+    /// until the cache is within its bound. Returns the removed hashes.
+    pub fn evict(&self, keep: &str) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut bundles: Vec<(SystemTime, String, u64)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                if name.starts_with('.') || !e.path().is_dir() {
+                    return None;
+                }
+                let used = std::fs::metadata(self.dir.join(format!(".{name}.used")))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                Some((used, name, dir_bytes(&e.path())))
+            })
+            .collect();
+        let mut total: u64 = bundles.iter().map(|b| b.2).sum();
+        bundles.sort();
+        let now = SystemTime::now();
+        let mut removed = Vec::new();
+        for (used, name, bytes) in bundles {
+            if total <= self.max_bytes {
+                break;
+            }
+            let recent = now.duration_since(used).unwrap_or_default() < CACHE_IN_USE_GRACE;
+            if name == keep || recent {
+                continue;
+            }
+            if std::fs::remove_dir_all(self.dir.join(&name)).is_ok() {
+                let _ = std::fs::remove_file(self.dir.join(format!(".{name}.used")));
+                total = total.saturating_sub(bytes);
+                metrics::counter!("sluice_code_cache_evictions_total").increment(1);
+                removed.push(name);
+            }
+        }
+        metrics::gauge!("sluice_code_cache_bytes").set(total as f64);
+        removed
+    }
+}
+
+/// Marks bundle `sha` used now (the mtime of `<dir>/.<sha>.used`).
+fn touch(dir: &Path, sha: &str) {
+    let marker = dir.join(format!(".{sha}.used"));
+    let ok = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&marker)
+        .and_then(|f| f.set_modified(SystemTime::now()));
+    if let Err(e) = ok {
+        tracing::warn!(path = %marker.display(), error = %e, "cannot mark a cached bundle used");
+    }
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_keys_name_their_index_and_legacy_keys_use_the_header() {
+        let sha = "ab12";
+        assert_eq!(
+            chunk_index(sha, Some(chunk_key(sha, 3).as_bytes()), None),
+            Some(3)
+        );
+        assert_eq!(chunk_index(sha, Some(b"ab12"), Some(b"2/5")), Some(2));
+        assert_eq!(chunk_index(sha, Some(b"ab13/1"), None), None);
+        assert_eq!(chunk_index(sha, Some(b"ab12x"), None), None);
+        assert_eq!(chunk_index(sha, None, Some(b"0/1")), None);
+    }
+
+    #[test]
+    fn cache_evicts_least_recently_used_past_its_bound_but_not_recent_ones() {
+        let dir = std::env::temp_dir().join(format!("sluice-code-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (sha, age_s) in [("old", 7200), ("older", 9000), ("new", 10)] {
+            std::fs::create_dir_all(dir.join(sha)).expect("mkdir");
+            std::fs::write(dir.join(sha).join("bootstrap"), vec![0u8; 1000]).expect("write");
+            touch(&dir, sha);
+            let f = std::fs::File::options()
+                .write(true)
+                .open(dir.join(format!(".{sha}.used")))
+                .expect("marker");
+            f.set_modified(SystemTime::now() - Duration::from_secs(age_s))
+                .expect("mtime");
+        }
+        let cache = CodeCache::new(&dir, 1500);
+        let removed = cache.evict("new");
+        assert_eq!(removed, ["older", "old"]);
+        assert!(dir.join("new").join("bootstrap").is_file());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1,7 +1,9 @@
 //! Asynchronous (`Event`) invocations as Kafka records, and the producer that writes them.
 //!
-//! The record's key is the function name, its value the event payload as the caller sent it (so
-//! Kafka's own tools show it), and Sluice's bookkeeping travels in headers:
+//! The record's key is the request id, so that one function's events spread over every
+//! partition of the queue (and every poller node) instead of all landing on one (Lambda does not
+//! order async events); its value is the event payload as the caller sent it (so Kafka's own
+//! tools show it), and Sluice's bookkeeping travels in headers:
 //! `sluice-request-id`, `sluice-function`, `sluice-enqueued-ms`, `sluice-attempts` (invocations
 //! already made), `sluice-throttles` and `sluice-not-before-ms` (for delayed re-delivery).
 
@@ -151,7 +153,7 @@ impl EventProducer {
     /// The delivery error.
     pub async fn send(&self, topic: &str, event: &AsyncEvent) -> Result<(i32, i64), KafkaError> {
         let record = FutureRecord::to(topic)
-            .key(&event.function)
+            .key(&event.request_id)
             .payload(&event.payload)
             .headers(event.headers());
         let delivery = self

@@ -3,8 +3,10 @@
 //!
 //! - [`record`]: Lambda's asynchronous invocation record (`version`, `timestamp`,
 //!   `requestContext`, `requestPayload`, `responseContext`, `responsePayload`).
-//! - [`writer`]: [`DestinationWriter`], which creates destination topics on first use and retries
-//!   a write until Kafka has it (counting failures), so an event is never lost on the way out.
+//! - [`writer`]: [`DestinationWriter`], which creates destination topics on first use, retries a
+//!   write while the error is retryable (counting failures), delivers a record too large for
+//!   Kafka with its payloads replaced by a marker, and returns other permanent errors
+//!   ([`DestinationError`]) instead of retrying them forever.
 //!
 //! Threading: async, on the node's runtime; one shared idempotent producer.
 #![forbid(unsafe_code)]
@@ -13,4 +15,4 @@ pub mod record;
 pub mod writer;
 
 pub use record::{Condition, InvocationRecord, ResponseContext};
-pub use writer::DestinationWriter;
+pub use writer::{Delivered, DestinationError, DestinationWriter};

@@ -95,6 +95,12 @@ async fn invoke_inner(
                     );
                     Ok(StatusCode::ACCEPTED.into_response())
                 }
+                Err(e) if sluice_core::kafka::is_too_large(&e) => {
+                    // Under Lambda's limit but over the cluster's (a broker with a lower
+                    // `message.max.bytes`): the caller's request is too large here, not a fault.
+                    tracing::warn!(function = name, bytes = body.len(), error = %e, "event larger than the cluster accepts");
+                    Err(too_large(body.len(), body.len().saturating_sub(1)))
+                }
                 Err(e) => {
                     tracing::warn!(function = name, error = %e, "could not write an event to Kafka");
                     Err(ApiError::service(format!(

@@ -89,6 +89,10 @@ async fn run_inner(args: &DevArgs, started: &mut Vec<Service>) -> anyhow::Result
         worker_ttl: Duration::from_secs(5),
         worker_token: None,
         sandbox_idle_timeout: Duration::from_secs(300),
+        init_timeout: Duration::from_secs(10),
+        code_cache_dir: "/var/cache/sluice/code".into(),
+        code_cache_max_mb: 10_240,
+        kafka_properties: Vec::new(),
     };
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -134,6 +134,29 @@ pub struct NodeArgs {
     /// Idle sandboxes are destroyed after this long (provisioned ones are kept).
     #[arg(long, env = "SLUICE_SANDBOX_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub sandbox_idle_timeout: Duration,
+    /// How long a function's init may take (Lambda: 10 s); past it the invocation fails with
+    /// `Sandbox.Timedout`, counted as a function error.
+    #[arg(long, env = "SLUICE_INIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub init_timeout: Duration,
+    /// Where the worker role unpacks code kept in Kafka (`Code.ZipFile`).
+    #[arg(long, env = "SLUICE_CODE_CACHE_DIR", default_value = "/var/cache/sluice/code")]
+    pub code_cache_dir: std::path::PathBuf,
+    /// Size bound of the code cache, MiB: least recently used bundles are removed past it (but
+    /// none used in the last 15 minutes).
+    #[arg(long, env = "SLUICE_CODE_CACHE_MAX_MB", default_value_t = 10_240)]
+    pub code_cache_max_mb: u64,
+    /// An extra librdkafka property for every Kafka client, `KEY=VALUE` (repeatable), e.g.
+    /// `message.max.bytes=1048588` for a cluster whose brokers allow less than Sluice's 8 MiB.
+    #[arg(long = "kafka-property", env = "SLUICE_KAFKA_PROPERTIES", value_delimiter = ',', value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 /// Parses `250ms`, `30s`, `5m`, `1h`.
@@ -240,7 +263,8 @@ pub async fn start(
     .map_err(|_| anyhow::anyhow!("Redis at {} did not answer within 10 s", args.redis))?
     .with_context(|| format!("connect to Redis at {}", args.redis))?;
 
-    let kafka = KafkaSettings::new(&args.kafka);
+    let mut kafka = KafkaSettings::new(&args.kafka);
+    kafka.properties.clone_from(&args.kafka_properties);
     let mut store_cfg = ConfigStoreConfig::new(&node_id);
     store_cfg.topic = format!("{}config", args.topic_prefix);
     store_cfg.redis_prefix.clone_from(&args.redis_prefix);
@@ -278,8 +302,15 @@ pub async fn start(
     let pool_config = PoolConfig {
         memory_budget_mb: args.memory_budget_mb,
         idle_timeout: args.sandbox_idle_timeout,
-        ..PoolConfig::default()
+        init_timeout: args.init_timeout,
     };
+    // Code written by ZipFile must never expire: create the code topic, or correct one made by
+    // an older node (the broker's default retention).
+    let code_topic = format!("{}code", args.topic_prefix);
+    if let Err(e) = sluice_core::code::ensure_code_topic(&kafka, &code_topic).await {
+        tracing::error!(topic = %code_topic, error = %e,
+            "the code topic may expire code; set cleanup.policy=compact and retention.ms=-1 on it");
+    }
     let init_timeout = pool_config.init_timeout;
     let local = if args.roles.contains(&Role::Worker) {
         Some(
@@ -412,14 +443,17 @@ async fn start_worker(
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(4096);
     let pool = Pool::new(backend, pool_config, None).with_events(events_tx);
     tracker.spawn(pool.clone().run_reaper(cancel.child_token()));
-    let service = WorkerService::new(
+    let service = WorkerService::with_code_cache(
         node_id.to_owned(),
         pool,
         store.clone(),
         identity.clone(),
         Some((
             kafka.clone(),
-            std::path::PathBuf::from("/var/cache/sluice/code"),
+            sluice_core::code::CodeCache::new(
+                &args.code_cache_dir,
+                args.code_cache_max_mb.saturating_mul(1024 * 1024),
+            ),
         )),
     );
     let listener = tokio::net::TcpListener::bind(args.worker_listen)

@@ -294,8 +294,9 @@ impl Pool {
     ///
     /// # Errors
     /// [`PoolError::NoCapacity`] when the budget is taken by busy sandboxes;
-    /// [`PoolError::Boot`] when the host cannot set a sandbox up. Init errors and every function
-    /// failure are outcomes, not errors.
+    /// [`PoolError::Boot`] when the host cannot set a sandbox up. Init errors, an init that
+    /// does not finish within the init timeout, and every function failure are outcomes, not
+    /// errors.
     pub async fn invoke(
         &self,
         spec: &Arc<FunctionSpec>,
@@ -345,6 +346,26 @@ impl Pool {
                             }),
                             BootError::Exited(reason) => Ok(Invocation {
                                 outcome: InvokeOutcome::Crashed { reason },
+                                cold_start: true,
+                                init_duration: Some(started.elapsed()),
+                                duration: Duration::ZERO,
+                            }),
+                            // The function's own init did not finish: its failure (Lambda
+                            // counts it as a function error), not the host's.
+                            BootError::Timeout(after) => Ok(Invocation {
+                                outcome: InvokeOutcome::InitError {
+                                    error_type: "Sandbox.Timedout".into(),
+                                    payload: serde_json::json!({
+                                        "errorMessage": format!(
+                                            "RequestId: {request_id} Error: Init did not finish \
+                                             within {:.2} seconds",
+                                            after.as_secs_f64()
+                                        ),
+                                        "errorType": "Sandbox.Timedout",
+                                    })
+                                    .to_string()
+                                    .into_bytes(),
+                                },
                                 cold_start: true,
                                 init_duration: Some(started.elapsed()),
                                 duration: Duration::ZERO,

@@ -2,11 +2,19 @@
 //! sent to this node on its [`Pool`], whether they came over the network
 //! ([`crate::remote`]) or from the same process, and boots provisioned sandboxes.
 //! It does not count concurrency: the caller holds the slot.
+//!
+//! What the function's owner caused is a function error ([`FunctionResult::Err`], counted as an
+//! attempt by every caller, as Lambda counts it): an init that fails, exits or does not finish
+//! within the init timeout (`Sandbox.Timedout`), a `Code.Path` with no `bootstrap`
+//! (`Runtime.InvalidEntrypoint`), code in Kafka that cannot be fetched
+//! (`Runtime.CodeUnavailable`). Only what the host caused is an [`InvokeError`]: no capacity
+//! (retryable, not an attempt), a sandbox that cannot be set up, a view that lags.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sluice_core::code::CodeCache;
 use sluice_core::invoke::{FunctionResult, InvokeError};
 use sluice_core::kafka::KafkaSettings;
 use sluice_core::model::FunctionConfig;
@@ -17,6 +25,45 @@ use crate::sandbox::{FunctionSpec, InvokeOutcome};
 
 /// How long a worker waits for its configuration view to reach the revision a caller saw.
 const VIEW_CATCH_UP: Duration = Duration::from_secs(3);
+
+/// The code cache's size bound when none is given (`--code-cache-max-mb`).
+pub const DEFAULT_CODE_CACHE_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+
+/// Why a function's sandbox cannot be described.
+enum SpecError {
+    /// The host's problem.
+    Invoke(InvokeError),
+    /// The function's: reported as a function error of this type.
+    Function {
+        error_type: &'static str,
+        message: String,
+    },
+}
+
+impl SpecError {
+    fn into_result(self, request_id: &str) -> Result<WorkerResult, InvokeError> {
+        match self {
+            SpecError::Invoke(e) => Err(e),
+            SpecError::Function {
+                error_type,
+                message,
+            } => Ok(WorkerResult {
+                result: FunctionResult::Err {
+                    error_type: error_type.to_owned(),
+                    payload: serde_json::json!({
+                        "errorMessage": format!("RequestId: {request_id} Error: {message}"),
+                        "errorType": error_type,
+                    })
+                    .to_string()
+                    .into_bytes(),
+                },
+                duration: Duration::ZERO,
+                cold_start: true,
+                init_duration: None,
+            }),
+        }
+    }
+}
 
 /// Account identity used in function ARNs.
 #[derive(Debug, Clone)]
@@ -81,8 +128,8 @@ struct Inner {
     pool: Pool,
     store: ConfigStore,
     account: AccountIdentity,
-    /// Kafka and the local cache directory, for code kept in the code topic.
-    code: Option<(KafkaSettings, PathBuf)>,
+    /// Kafka and the local cache, for code kept in the code topic.
+    code: Option<(KafkaSettings, CodeCache)>,
 }
 
 impl WorkerService {
@@ -95,6 +142,19 @@ impl WorkerService {
         store: ConfigStore,
         account: AccountIdentity,
         code: Option<(KafkaSettings, PathBuf)>,
+    ) -> Self {
+        let code = code.map(|(k, dir)| (k, CodeCache::new(dir, DEFAULT_CODE_CACHE_BYTES)));
+        Self::with_code_cache(id, pool, store, account, code)
+    }
+
+    /// As [`WorkerService::new`], with a bounded code cache.
+    #[must_use]
+    pub fn with_code_cache(
+        id: String,
+        pool: Pool,
+        store: ConfigStore,
+        account: AccountIdentity,
+        code: Option<(KafkaSettings, CodeCache)>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -158,24 +218,45 @@ impl WorkerService {
     }
 
     /// What a sandbox of `f` needs: its code on this node, limits and environment.
-    async fn spec(&self, f: &Versioned<FunctionConfig>) -> Result<FunctionSpec, InvokeError> {
+    async fn spec(&self, f: &Versioned<FunctionConfig>) -> Result<FunctionSpec, SpecError> {
         let c = &f.object;
         let task_dir: PathBuf = match (&c.code.path, &c.code.stored, &self.inner.code) {
-            (Some(path), _, _) => path.into(),
+            (Some(path), _, _) => {
+                let dir = PathBuf::from(path);
+                if !dir.join("bootstrap").is_file() {
+                    return Err(SpecError::Function {
+                        error_type: "Runtime.InvalidEntrypoint",
+                        message: format!(
+                            "Couldn't find valid bootstrap(s): [{}] (Code.Path of function {} on worker {})",
+                            dir.join("bootstrap").display(),
+                            c.function_name,
+                            self.inner.id
+                        ),
+                    });
+                }
+                dir
+            }
             (None, Some(stored), Some((kafka, cache))) => {
                 let (kafka, cache, stored) = (kafka.clone(), cache.clone(), stored.clone());
-                tokio::task::spawn_blocking(move || {
-                    sluice_core::code::fetch_and_unpack(&kafka, &stored, &cache)
-                })
-                .await
-                .map_err(|e| InvokeError::Service(e.to_string()))?
-                .map_err(|e| InvokeError::Service(e.to_string()))?
+                tokio::task::spawn_blocking(move || cache.get(&kafka, &stored))
+                    .await
+                    .map_err(|e| SpecError::Invoke(InvokeError::Service(e.to_string())))?
+                    .map_err(|e| SpecError::Function {
+                        error_type: "Runtime.CodeUnavailable",
+                        message: format!("cannot fetch the function's code: {e}"),
+                    })?
             }
-            _ => {
-                return Err(InvokeError::Config(format!(
-                    "function {} has no code this node can reach",
-                    c.function_name
-                )))
+            (None, Some(_), None) => {
+                return Err(SpecError::Invoke(InvokeError::Config(format!(
+                    "worker {} has no code store to fetch function {}'s code from",
+                    self.inner.id, c.function_name
+                ))))
+            }
+            (None, None, _) => {
+                return Err(SpecError::Function {
+                    error_type: "Runtime.InvalidEntrypoint",
+                    message: format!("function {} has no code", c.function_name),
+                })
             }
         };
         Ok(FunctionSpec {
@@ -203,7 +284,14 @@ impl WorkerService {
     /// Function failures are [`FunctionResult::Err`].
     pub async fn invoke(&self, req: WorkerRequest) -> Result<WorkerResult, InvokeError> {
         let f = self.function(&req.function, req.revision).await?;
-        let spec = Arc::new(self.spec(&f).await?);
+        let spec = match self.spec(&f).await {
+            Ok(spec) => Arc::new(spec),
+            Err(e) => {
+                metrics::counter!("sluice_worker_invocations_total", "function" => req.function.clone())
+                    .increment(1);
+                return e.into_result(&req.request_id);
+            }
+        };
         // On its own task: a caller that goes away (a dropped connection) must not abandon a
         // sandbox in the middle of an invocation.
         let pool = self.inner.pool.clone();
@@ -241,13 +329,17 @@ impl WorkerService {
     /// As [`WorkerService::invoke`]; an init error is a [`InvokeError::Service`] here.
     pub async fn provision(&self, name: &str) -> Result<(), InvokeError> {
         let f = self.function(name, 0).await?;
-        let spec = Arc::new(self.spec(&f).await?);
+        let spec = match self.spec(&f).await {
+            Ok(spec) => Arc::new(spec),
+            Err(SpecError::Invoke(e)) => return Err(e),
+            Err(SpecError::Function { message, .. }) => return Err(InvokeError::Service(message)),
+        };
         self.inner.pool.provision(&spec).await.map_err(invoke_error)
     }
 }
 
-/// A pool's refusal as the callers see it: no room is a capacity throttle, a failed boot a
-/// service error (both retryable).
+/// A pool's refusal as the callers see it: no room is a capacity throttle, a sandbox the host
+/// could not set up a service error (both retryable, neither an attempt).
 fn invoke_error(e: PoolError) -> InvokeError {
     match e {
         e @ PoolError::NoCapacity { .. } => InvokeError::NoCapacity(e.to_string()),

@@ -9,6 +9,9 @@
 //! - `net`: try to reach an outside address and report what happened;
 //! - `syscall`: make a forbidden system call (`unshare`);
 //! - `inspect`: report what the function sees of its sandbox (ids, writable paths, environment).
+//!
+//! With the environment variable `INIT_SLEEP_MS` set, its initialisation takes that long before it
+//! asks for the first event (an init that never finishes, when longer than the init timeout).
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -101,5 +104,11 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
+    if let Some(ms) = std::env::var("INIT_SLEEP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     lambda_runtime::run(service_fn(handler)).await
 }
