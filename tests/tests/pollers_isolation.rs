@@ -59,6 +59,8 @@ struct Call {
     /// `(partition, offset)` of each record, for stream batches.
     records: Vec<(i32, i64)>,
     ok: bool,
+    /// When it ended.
+    at: std::time::Instant,
 }
 
 #[derive(Clone)]
@@ -151,6 +153,7 @@ impl Invoker for Scripted {
             request_id: req.request_id.clone(),
             records,
             ok,
+            at: std::time::Instant::now(),
         });
         let result = if ok {
             FunctionResult::Ok(b"{}".to_vec())
@@ -726,6 +729,20 @@ async fn a_poison_record_on_one_partition_does_not_hold_back_another() {
         committed(&group, &topic, 0).await.unwrap_or(0),
         0,
         "partition 0 stays at its poison record"
+    );
+    // The failing batch backs off (doubling) instead of being re-invoked at once.
+    let tries: Vec<std::time::Instant> = invoker
+        .calls()
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.at)
+        .take(5)
+        .collect();
+    assert_eq!(tries.len(), 5, "the poison batch is retried");
+    let (first, fourth) = (tries[1] - tries[0], tries[4] - tries[3]);
+    assert!(
+        fourth >= first * 3,
+        "retries of a failing batch back off: first gap {first:?}, fourth {fourth:?}"
     );
 }
 
