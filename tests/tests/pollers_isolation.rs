@@ -10,18 +10,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sluice_core::events::{AsyncEvent, EventProducer};
 use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest, Invoked, Invoker};
 use sluice_core::kafka::KafkaSettings;
 use sluice_core::model::{
-    parse, EventInvokeConfig, EventSourceMappingConfig, EventSourceMappingState, Format,
-    FunctionConfig, MappingState,
+    EventInvokeConfig, EventSourceMappingConfig, EventSourceMappingState, Format, FunctionConfig,
+    MappingState, parse,
 };
 use sluice_core::store::{ConfigObject, ConfigStore, ConfigStoreConfig, Expected, ObjectKey};
 use sluice_destinations::DestinationWriter;
@@ -232,8 +232,7 @@ impl Env {
     /// Creates the async queue and delay topics of `cfg`.
     async fn async_topics(&self, cfg: &AsyncPollerConfig) {
         let events = EventProducer::new(&self.kafka).expect("producer");
-        let destinations =
-            DestinationWriter::new(self.kafka.clone(), events.producer().clone(), 1);
+        let destinations = DestinationWriter::new(self.kafka.clone(), events.producer().clone(), 1);
         AsyncPoller::new(
             cfg.clone(),
             self.kafka.clone(),
@@ -542,7 +541,9 @@ impl Env {
             .query_async(&mut conn)
             .await
             .expect("keys");
-        keys.into_iter().filter(|k| !k.ends_with(":fence")).collect()
+        keys.into_iter()
+            .filter(|k| !k.ends_with(":fence"))
+            .collect()
     }
 }
 
@@ -559,7 +560,11 @@ async fn shutdown_hands_partitions_back_within_the_nodes_deadline() {
         invoker.started.load(std::sync::atomic::Ordering::SeqCst) > 0
     })
     .await;
-    assert_eq!(env.mapping_leases(&uuid).await.len(), 1, "the partition is leased");
+    assert_eq!(
+        env.mapping_leases(&uuid).await.len(),
+        1,
+        "the partition is leased"
+    );
     // The function never returns: shutdown must still hand the partition back (commit what is
     // done, release the lease) within the node's 10 s for all its tasks.
     let stopping = tokio::time::Instant::now();
@@ -853,10 +858,12 @@ async fn committed_all(group: &str, topic: &str, partitions: i32) -> Vec<Option<
             .committed_offsets(tpl, Duration::from_secs(10))
             .expect("committed offsets");
         (0..partitions)
-            .map(|p| match got.find_partition(&topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            })
+            .map(
+                |p| match got.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                },
+            )
             .collect()
     })
     .await
