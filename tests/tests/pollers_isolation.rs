@@ -10,18 +10,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 use sluice_core::events::{AsyncEvent, EventProducer};
 use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest, Invoked, Invoker};
 use sluice_core::kafka::KafkaSettings;
 use sluice_core::model::{
-    EventInvokeConfig, EventSourceMappingConfig, EventSourceMappingState, Format, FunctionConfig,
-    MappingState, parse,
+    parse, EventInvokeConfig, EventSourceMappingConfig, EventSourceMappingState, Format,
+    FunctionConfig, MappingState,
 };
 use sluice_core::store::{ConfigObject, ConfigStore, ConfigStoreConfig, Expected, ObjectKey};
 use sluice_destinations::DestinationWriter;
