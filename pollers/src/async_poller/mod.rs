@@ -251,6 +251,8 @@ impl AsyncPoller {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "20")
+            // librdkafka's prefetch over every partition; the rest waits in Kafka.
+            .set("queued.max.messages.kbytes", "16384")
             .create()
             .map_err(PollerError::Consumer)?;
         Ok(Arc::new(consumer))
