@@ -1,10 +1,12 @@
 //! Asynchronous (`Event`) invocations as Kafka records, and the producer that writes them.
 //!
-//! The record's key is the request id, so that one function's events spread over every
-//! partition of the queue (and every poller node) instead of all landing on one (Lambda does not
-//! order async events); its value is the event payload as the caller sent it (so Kafka's own
-//! tools show it), and Sluice's bookkeeping travels in headers:
-//! `sluice-request-id`, `sluice-function`, `sluice-enqueued-ms`, `sluice-attempts` (invocations
+//! The record has no key, so librdkafka's sticky partitioner spreads one function's events over
+//! every partition of the queue (and every poller node) instead of landing them all on one (Lambda
+//! does not order async events), while still batching the events of a few milliseconds into one
+//! partition (a key per event, e.g. the request id, spreads too but makes one batch per event and
+//! cut front-end throughput to a third in `scripts/bench.sh ingest`); its value is the event
+//! payload as the caller sent it (so Kafka's own tools show it), and Sluice's bookkeeping travels
+//! in headers: `sluice-request-id`, `sluice-function`, `sluice-enqueued-ms`, `sluice-attempts` (invocations
 //! already made), `sluice-throttles` and `sluice-not-before-ms` (for delayed re-delivery).
 
 use std::time::Duration;
@@ -152,8 +154,7 @@ impl EventProducer {
     /// # Errors
     /// The delivery error.
     pub async fn send(&self, topic: &str, event: &AsyncEvent) -> Result<(i32, i64), KafkaError> {
-        let record = FutureRecord::to(topic)
-            .key(&event.request_id)
+        let record = FutureRecord::<(), [u8]>::to(topic)
             .payload(&event.payload)
             .headers(event.headers());
         let delivery = self
