@@ -163,7 +163,7 @@ pub(crate) async fn create(
     check_isolation(
         &state,
         &config,
-        &config.consumer_group_id().unwrap_or(&uuid).to_owned(),
+        config.consumer_group_id().unwrap_or(&uuid),
     )?;
     if config.consumer_group_id().is_none() {
         // Lambda's default consumer group is the mapping's UUID.
