@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
 
 use crate::kafka::KafkaSettings;
+use crate::producer::DurableProducer;
 
 const H_REQUEST_ID: &str = "sluice-request-id";
 const H_FUNCTION: &str = "sluice-function";
@@ -134,7 +135,7 @@ impl AsyncEvent {
 /// Writes async events durably (idempotent producer, `acks=all`).
 #[derive(Clone)]
 pub struct EventProducer {
-    producer: FutureProducer,
+    producer: DurableProducer,
 }
 
 impl EventProducer {
@@ -144,7 +145,7 @@ impl EventProducer {
     /// When the client cannot be created.
     pub fn new(kafka: &KafkaSettings) -> Result<Self, KafkaError> {
         Ok(Self {
-            producer: kafka.durable_producer_config().create()?,
+            producer: DurableProducer::new(kafka.durable_producer_config(), "events")?,
         })
     }
 
@@ -165,8 +166,10 @@ impl EventProducer {
         Ok((delivery.partition, delivery.offset))
     }
 
-    /// The underlying producer (for other record kinds on the same connection).
-    pub fn producer(&self) -> &FutureProducer {
+    /// The underlying producer (for other record kinds on the same connection; it rebuilds
+    /// itself after a fatal error, see [`DurableProducer`]).
+    #[must_use]
+    pub fn producer(&self) -> &DurableProducer {
         &self.producer
     }
 }

@@ -23,5 +23,6 @@ pub mod filter;
 pub mod invoke;
 pub mod kafka;
 pub mod model;
+pub mod producer;
 pub mod store;
 pub mod time;

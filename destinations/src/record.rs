@@ -219,15 +219,39 @@ mod tests {
             b"\xff\xfe binary",
             b"null",
         ] {
-            let r = InvocationRecord::new("id", "arn:f", Condition::RetriesExhausted, 1, payload, None, 0);
+            let r = InvocationRecord::new(
+                "id",
+                "arn:f",
+                Condition::RetriesExhausted,
+                1,
+                payload,
+                None,
+                0,
+            );
             let wire = serde_json::to_vec(&r).expect("encode");
             let back: InvocationRecord = serde_json::from_slice(&wire).expect("decode");
-            assert_eq!(back.request_bytes(), payload, "{}", String::from_utf8_lossy(payload));
+            assert_eq!(
+                back.request_bytes(),
+                payload,
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
         }
         // JSON text stays readable JSON in the record (Lambda's shape), with no extension field.
-        let r = InvocationRecord::new("id", "arn:f", Condition::Success, 1, br#"{"big":12345678901234567890123}"#, None, 0);
+        let r = InvocationRecord::new(
+            "id",
+            "arn:f",
+            Condition::Success,
+            1,
+            br#"{"big":12345678901234567890123}"#,
+            None,
+            0,
+        );
         let wire = String::from_utf8(serde_json::to_vec(&r).expect("encode")).expect("utf8");
-        assert!(wire.contains(r#""requestPayload":{"big":12345678901234567890123}"#), "{wire}");
+        assert!(
+            wire.contains(r#""requestPayload":{"big":12345678901234567890123}"#),
+            "{wire}"
+        );
         assert!(!wire.contains("requestPayloadBase64"), "{wire}");
     }
 }

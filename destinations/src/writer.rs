@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value};
 use sluice_core::kafka::{ensure_topic, is_retryable, is_too_large, KafkaSettings, TopicSpec};
+use sluice_core::producer::DurableProducer;
 
 /// The fields of a destination record that carry payloads (Lambda's invocation record and the
 /// Kafka failure record); truncation replaces these and keeps the envelope.
@@ -73,18 +74,24 @@ pub struct Delivered {
 #[derive(Clone)]
 pub struct DestinationWriter {
     kafka: KafkaSettings,
-    producer: FutureProducer,
+    producer: DurableProducer,
     created: Arc<Mutex<HashSet<String>>>,
     partitions: i32,
 }
 
 impl DestinationWriter {
-    /// A writer sharing `producer` (idempotent, `acks=all`); topics it creates get `partitions`.
+    /// A writer sharing `producer` (idempotent, `acks=all`; a [`DurableProducer`] is rebuilt
+    /// after a fatal error, a bare `FutureProducer` is used as is); topics it creates get
+    /// `partitions`.
     #[must_use]
-    pub fn new(kafka: KafkaSettings, producer: FutureProducer, partitions: i32) -> Self {
+    pub fn new(
+        kafka: KafkaSettings,
+        producer: impl Into<DurableProducer>,
+        partitions: i32,
+    ) -> Self {
         Self {
             kafka,
-            producer,
+            producer: producer.into(),
             created: Arc::new(Mutex::new(HashSet::new())),
             partitions,
         }

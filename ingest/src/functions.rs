@@ -129,9 +129,14 @@ pub(crate) async fn store_zip(
             "this node cannot store code (no Kafka producer)",
         ));
     };
-    sluice_core::code::store(kafka, events.producer(), &state.code_topic, &zip)
-        .await
-        .map_err(|e| ApiError::service(format!("could not store the code: {e}")))
+    sluice_core::code::store(
+        kafka,
+        &events.producer().producer(),
+        &state.code_topic,
+        &zip,
+    )
+    .await
+    .map_err(|e| ApiError::service(format!("could not store the code: {e}")))
 }
 
 pub(crate) fn check_code_path(path: &str) -> Result<(), ApiError> {

@@ -141,7 +141,11 @@ fn check_isolation(
         }
     }
     if let Some(other) = state.store.event_source_mappings().into_iter().find(|m| {
-        m.object.config.consumer_group_id().unwrap_or(&m.object.uuid) == group
+        m.object
+            .config
+            .consumer_group_id()
+            .unwrap_or(&m.object.uuid)
+            == group
     }) {
         return Err(ApiError::invalid(format!(
             "ConsumerGroupId: {group:?} is already used by event source mapping {}; each mapping              needs a consumer group of its own",
@@ -160,11 +164,7 @@ pub(crate) async fn create(
     let mut config: EventSourceMappingConfig = parse(text, Format::Json).map_err(model_error)?;
     check_function(&state, &config)?;
     let uuid = uuid::Uuid::new_v4().to_string();
-    check_isolation(
-        &state,
-        &config,
-        config.consumer_group_id().unwrap_or(&uuid),
-    )?;
+    check_isolation(&state, &config, config.consumer_group_id().unwrap_or(&uuid))?;
     if config.consumer_group_id().is_none() {
         // Lambda's default consumer group is the mapping's UUID.
         config.self_managed_kafka_event_source_config = Some(KafkaEventSourceConfig {

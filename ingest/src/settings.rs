@@ -101,8 +101,7 @@ pub(crate) async fn update_code(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let req: UpdateCode =
-        parse_strict(body_text(&body)?, Format::Json).map_err(model_error)?;
+    let req: UpdateCode = parse_strict(body_text(&body)?, Format::Json).map_err(model_error)?;
     let current = function(&state, &name)?;
     let expect = expected(req.revision_id.as_deref(), current.revision)?;
     let _ = req.publish;
@@ -302,8 +301,7 @@ pub(crate) async fn put_concurrency(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let req: Concurrency =
-        parse_strict(body_text(&body)?, Format::Json).map_err(model_error)?;
+    let req: Concurrency = parse_strict(body_text(&body)?, Format::Json).map_err(model_error)?;
     let current = function(&state, &name)?;
     let mut f = current.object;
     f.reserved_concurrent_executions = Some(req.reserved_concurrent_executions);

@@ -150,7 +150,10 @@ async fn a_node_started_on_a_compacted_config_log_sees_what_the_others_see() {
         .await;
     }
     send(&http, http.delete(format!("{fns}/gone")), 204, "delete").await;
-    let eic = format!("{}/2019-09-25/functions/upd/event-invoke-config", a.endpoint);
+    let eic = format!(
+        "{}/2019-09-25/functions/upd/event-invoke-config",
+        a.endpoint
+    );
     send(
         &http,
         http.put(&eic).json(&json!({ "MaximumRetryAttempts": 1 })),
@@ -160,7 +163,8 @@ async fn a_node_started_on_a_compacted_config_log_sees_what_the_others_see() {
     .await;
     send(
         &http,
-        http.post(&eic).json(&json!({ "MaximumEventAgeInSeconds": 120 })),
+        http.post(&eic)
+            .json(&json!({ "MaximumEventAgeInSeconds": 120 })),
         200,
         "update eic",
     )
@@ -229,8 +233,17 @@ async fn a_node_started_on_a_compacted_config_log_sees_what_the_others_see() {
 
     // The running node refuses the loser.
     let before = send(&http, http.get(&fns), 200, "list on a").await;
-    let upd = send(&http, http.get(format!("{fns}/upd/configuration")), 200, "get upd").await;
-    assert_eq!(upd["MemorySize"], 512, "the live node applied a losing record");
+    let upd = send(
+        &http,
+        http.get(format!("{fns}/upd/configuration")),
+        200,
+        "get upd",
+    )
+    .await;
+    assert_eq!(
+        upd["MemorySize"], 512,
+        "the live node applied a losing record"
+    );
 
     // Compact A's log into B's config topic and start B on it.
     let log = records(&config_a).await;
@@ -279,7 +292,10 @@ async fn a_node_started_on_a_compacted_config_log_sees_what_the_others_see() {
     .await;
     assert_eq!(mappings_by_uuid(&mappings_b), mappings_by_uuid(&mappings_a));
     assert_eq!(mappings_by_uuid(&mappings_b).len(), 1);
-    let eic_b = format!("{}/2019-09-25/functions/upd/event-invoke-config", b.endpoint);
+    let eic_b = format!(
+        "{}/2019-09-25/functions/upd/event-invoke-config",
+        b.endpoint
+    );
     let got = send(&http, http.get(&eic_b), 200, "eic on b").await;
     assert_eq!(got["MaximumRetryAttempts"], 1);
     assert_eq!(got["MaximumEventAgeInSeconds"], 120);
@@ -312,8 +328,10 @@ async fn a_record_from_a_newer_node_is_applied_and_user_input_stays_strict() {
     let fns = format!("{}/2015-03-31/functions", node.endpoint);
     let refused = send(
         &http,
-        http.post(&fns).json(&json!({ "FunctionName": "x", "Code": { "Path": bundle.path() },
-                                       "SnapStart": { "ApplyOn": "None" } })),
+        http.post(&fns).json(
+            &json!({ "FunctionName": "x", "Code": { "Path": bundle.path() },
+                                       "SnapStart": { "ApplyOn": "None" } }),
+        ),
         400,
         "create with an unknown field",
     )

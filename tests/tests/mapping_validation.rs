@@ -69,10 +69,16 @@ async fn consumer_groups_are_unique_and_sluices_own_topics_and_groups_cannot_be_
     let first_uuid = first["UUID"].as_str().expect("uuid").to_owned();
     // Same group, other topic: its commits would overwrite the first mapping's.
     let (status, body) = post(http, &url, &mapping(&t2, &g)).await;
-    assert_eq!(status, 400, "a second mapping on group {group} was accepted: {body}");
+    assert_eq!(
+        status, 400,
+        "a second mapping on group {group} was accepted: {body}"
+    );
     assert_eq!(body["Type"], "User", "{body}");
     let msg = body["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("ConsumerGroupId") && msg.contains(&first_uuid), "{msg}");
+    assert!(
+        msg.contains("ConsumerGroupId") && msg.contains(&first_uuid),
+        "{msg}"
+    );
 
     // A mapping without a ConsumerGroupId gets its UUID as group; nobody may take that one.
     let (status, second) = post(http, &url, &mapping(&t2, &json!({}))).await;
@@ -94,7 +100,10 @@ async fn consumer_groups_are_unique_and_sluices_own_topics_and_groups_cannot_be_
         let (status, body) = post(http, &url, &mapping(&own, &json!({}))).await;
         assert_eq!(status, 400, "mapping on {own} accepted: {body}");
         assert!(
-            body["message"].as_str().unwrap_or_default().contains("Sluice's own topics"),
+            body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("Sluice's own topics"),
             "{body}"
         );
     }

@@ -78,9 +78,19 @@ async fn redriven_events_are_byte_identical_and_every_run_has_its_own_request_id
     let (ok, err) = sluice(&["redrive", &dest, "--topic-prefix", &topic_prefix]);
     assert!(ok && err.contains("3 re-submitted"), "{err}");
     let second = failures(&failed, 6).await;
-    assert_eq!(second.len(), 6, "every redriven event ran (and failed) again");
+    assert_eq!(
+        second.len(),
+        6,
+        "every redriven event ran (and failed) again"
+    );
     // A second redrive of the same records: new request ids, so the pollers run them again.
-    let (ok, err) = sluice(&["redrive", &dest, "--topic-prefix", &topic_prefix, "--from-beginning"]);
+    let (ok, err) = sluice(&[
+        "redrive",
+        &dest,
+        "--topic-prefix",
+        &topic_prefix,
+        "--from-beginning",
+    ]);
     assert!(ok && err.contains("6 re-submitted"), "{err}");
     let third = failures(&failed, 12).await;
     assert_eq!(

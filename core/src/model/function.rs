@@ -304,7 +304,10 @@ mod tests {
             Format::Json,
         )
         .expect_err("unknown field");
-        assert!(err.to_string().contains("unknown field `SnapStart`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `SnapStart`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -632,7 +632,10 @@ mod tests {
             let err = parse::<EventSourceMappingConfig>(&doc.to_string(), Format::Json)
                 .expect_err(pattern);
             let text = err.to_string();
-            assert!(text.contains("FilterCriteria.Filters[0].Pattern at $."), "{pattern}: {text}");
+            assert!(
+                text.contains("FilterCriteria.Filters[0].Pattern at $."),
+                "{pattern}: {text}"
+            );
             assert!(crate::filter::FilterSet::compile(&[pattern.to_owned()]).is_err());
         }
     }

@@ -149,12 +149,15 @@ pub fn parse_strict<T: DeserializeOwned>(text: &str, format: Format) -> Result<T
     let value: T = match format {
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(text);
-            let v = serde_ignored::deserialize(&mut de, &mut note).map_err(ModelError::ParseJson)?;
+            let v =
+                serde_ignored::deserialize(&mut de, &mut note).map_err(ModelError::ParseJson)?;
             de.end().map_err(ModelError::ParseJson)?;
             v
         }
-        Format::Yaml => serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), &mut note)
-            .map_err(ModelError::ParseYaml)?,
+        Format::Yaml => {
+            serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), &mut note)
+                .map_err(ModelError::ParseYaml)?
+        }
     };
     if let Some(field) = unknown {
         return Err(ModelError::UnknownField(field));

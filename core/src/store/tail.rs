@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,7 @@ use crate::kafka::{ensure_topic, KafkaSettings, TopicSpec};
 use crate::model::{
     EventInvokeConfig, EventSourceMappingState, FunctionConfig, ProvisionedConcurrencyConfig,
 };
+use crate::producer::DurableProducer;
 use crate::time::now_ms;
 
 /// Settings of the configuration store.
@@ -153,7 +154,7 @@ impl StoreError {
 
 struct Inner {
     cfg: ConfigStoreConfig,
-    producer: FutureProducer,
+    producer: DurableProducer,
     consumer: Arc<StreamConsumer>,
     view: RwLock<View>,
     applied: watch::Sender<i64>,
@@ -199,11 +200,10 @@ impl ConfigStore {
                 source,
             })?;
 
-        let producer: FutureProducer = kafka
-            .durable_producer_config()
-            .set("linger.ms", "0")
-            .create()
-            .map_err(StoreError::CreateClient)?;
+        let mut producer_config = kafka.durable_producer_config();
+        producer_config.set("linger.ms", "0");
+        let producer =
+            DurableProducer::new(producer_config, "config").map_err(StoreError::CreateClient)?;
         let consumer: StreamConsumer = kafka
             .client_config()
             .set("group.id", format!("sluice-config-view-{}", cfg.node_id))
@@ -618,4 +618,3 @@ async fn tail(inner: Arc<Inner>) {
     }
     debug!("configuration tail stopped");
 }
-

@@ -292,7 +292,10 @@ mod tests {
             record(1, Some(function("f", 3))),
         );
         put(&mut view, &key, &w1, 0);
-        assert!(view.stale(&key).is_empty(), "the current record is never stale");
+        assert!(
+            view.stale(&key).is_empty(),
+            "the current record is never stale"
+        );
         put(&mut view, &key, &w2, 1);
         put(&mut view, &key, &loser, 2);
         let mut want = vec![key.record_key(w1.write_id), key.record_key(loser.write_id)];
@@ -303,8 +306,18 @@ mod tests {
         assert_eq!(view.next_offset(), 4);
         // Legacy per-object keys: a successor under the same key never marks it stale.
         let legacy = ObjectKey::function("old");
-        view.apply("function/old", legacy.clone(), &record(0, Some(function("old", 1))), 4);
-        view.apply("function/old", legacy.clone(), &record(1, Some(function("old", 2))), 5);
+        view.apply(
+            "function/old",
+            legacy.clone(),
+            &record(0, Some(function("old", 1))),
+            4,
+        );
+        view.apply(
+            "function/old",
+            legacy.clone(),
+            &record(1, Some(function("old", 2))),
+            5,
+        );
         assert!(view.stale(&legacy).is_empty());
     }
 
@@ -436,11 +449,18 @@ mod tests {
                     log.len()
                 );
                 if live.get(&key).is_some() {
-                    assert_eq!(fresh.revision(&key), live.revision(&key), "seed {seed}: {key}");
+                    assert_eq!(
+                        fresh.revision(&key),
+                        live.revision(&key),
+                        "seed {seed}: {key}"
+                    );
                 }
             }
             // The same verdicts for records written after the fresh node joined.
-            assert_eq!(replay(&log).revision(&ObjectKey::function("a")), live.revision(&ObjectKey::function("a")));
+            assert_eq!(
+                replay(&log).revision(&ObjectKey::function("a")),
+                live.revision(&ObjectKey::function("a"))
+            );
         }
     }
 }
