@@ -34,6 +34,10 @@ use tokio_util::sync::CancellationToken;
 
 const ARN: &str = "arn:aws:lambda:us-east-1:000000000000:function:";
 
+/// Each test creates a dozen topics and runs whole pollers: one at a time, so a shared test
+/// broker is not overloaded into produce timeouts.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// What the scripted invoker does for a function.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Script {
@@ -343,6 +347,7 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_function_does_not_take_every_async_slot() {
+    let _serial = SERIAL.lock().await;
     let env = env(&["slow", "fast"]).await;
     let invoker = Scripted::new(&[("slow", Script::Gated), ("fast", Script::Ok)]);
     let cfg = AsyncPollerConfig {
@@ -393,6 +398,7 @@ async fn a_slow_function_does_not_take_every_async_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hot_functions_retries_spread_over_every_node() {
+    let _serial = SERIAL.lock().await;
     let env = env(&["hot"]).await;
     let a = Scripted::on("node-a", &[("hot", Script::FailOnce)]);
     // One call log for both, so either invoker knows a request's earlier attempt.
@@ -438,6 +444,7 @@ async fn a_hot_functions_retries_spread_over_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panic_while_handling_an_event_fails_it_like_a_function_error() {
+    let _serial = SERIAL.lock().await;
     let env = env(&["boom"]).await;
     let failed = unique_name("boom-failed");
     create_topic(&failed, 1).await.expect("topic");
@@ -549,6 +556,7 @@ impl Env {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_hands_partitions_back_within_the_nodes_deadline() {
+    let _serial = SERIAL.lock().await;
     let env = env(&["f"]).await;
     let invoker = Scripted::new(&[("f", Script::Gated)]);
     let (cancel, handle) = env.stream_tracker("node-a", &invoker).await;
@@ -630,6 +638,7 @@ async fn committed(group: &str, topic: &str, partition: i32) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poison_record_on_one_partition_does_not_hold_back_another() {
+    let _serial = SERIAL.lock().await;
     let env = env(&["f"]).await;
     let invoker = Scripted::new(&[("f", Script::Poison)]);
     let producer: FutureProducer = env
@@ -872,6 +881,7 @@ async fn committed_all(group: &str, topic: &str, partitions: i32) -> Vec<Option<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poller_paused_past_its_lease_does_nothing_for_what_it_lost() {
+    let _serial = SERIAL.lock().await;
     let env = env(&["f"]).await;
     let zombie = Scripted::on("node-a", &[("f", Script::Ok)]);
     let cfg = env.async_config();

@@ -280,15 +280,16 @@ impl MappingPoller {
 const DRAIN: Duration = Duration::from_secs(5);
 
 /// A partition's budget between fetch and finish: enough for every lane to have a batch in flight
-/// and the next one filling, bounded by bytes so that 1 MB records × ParallelizationFactor 10 stay
-/// within about 66 MiB per partition.
+/// and the next one filling (at least 8192, so a healthy partition of small records is rarely
+/// paused: a pause drops librdkafka's prefetch, which is fetched again), bounded by bytes so that
+/// 1 MB records × ParallelizationFactor 10 stay within about 66 MiB per partition.
 fn partition_budget(cfg: &EventSourceMappingConfig) -> runtime::Budget {
     let lanes = usize::try_from(cfg.parallelization_factor)
         .unwrap_or(1)
         .max(1);
     let batch = usize::try_from(cfg.batch_size).unwrap_or(100).max(1);
     runtime::Budget {
-        records: (2 * batch * lanes).clamp(1024, 100_000),
+        records: (2 * batch * lanes).clamp(8192, 100_000),
         bytes: (lanes + 1) * super::event::MAX_BATCH_BYTES,
     }
 }
