@@ -741,6 +741,19 @@ impl AsyncPoller {
                 metrics::counter!("sluice_async_events_dropped_total", "reason" => "FunctionDeleted").increment(1);
                 Next::Done
             }
+            Err(e) if !e.is_retryable() => {
+                // The function's configuration cannot run here (InvokeError::Config): the user's
+                // doing, so Lambda counts it as a function error (an attempt), never a throttle.
+                event.attempts += 1;
+                let payload = serde_json::json!({
+                    "errorType": "Runtime.ConfigurationError",
+                    "errorMessage": e.to_string(),
+                })
+                .to_string()
+                .into_bytes();
+                tracing::info!(function = %event.function, request_id = %event.request_id, attempt = event.attempts, error = %e, "function cannot run; counted as a function error");
+                self.on_function_error(event, &config, &payload).await
+            }
             Err(e) => {
                 // Throttled, no capacity or a service error: not an attempt; back off.
                 event.throttles += 1;

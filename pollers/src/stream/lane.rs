@@ -216,6 +216,17 @@ async fn deliver(
                     }
                 }
             }
+            Err(e) if !e.is_retryable() => {
+                // The function cannot run as configured: the user's doing, counted as a function
+                // error (retries, bisection and the on-failure destination apply).
+                tracing::info!(mapping = %ctx.uuid, error = %e, "function cannot run; counted as a function error");
+                metrics::counter!("sluice_stream_function_errors_total", &labels).increment(1);
+                let body = serde_json::json!({
+                    "errorType": "Runtime.ConfigurationError",
+                    "errorMessage": e.to_string(),
+                });
+                (Outcome::FunctionError, body.to_string().into_bytes())
+            }
             Err(e) => {
                 // Throttles and capacity problems are not retries: wait and try again.
                 tracing::debug!(mapping = %ctx.uuid, error = %e, "could not invoke; backing off");
