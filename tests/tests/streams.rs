@@ -43,6 +43,7 @@ impl Invoker for Recorder {
         let mut batch = Vec::new();
         let mut failures = Vec::new();
         let mut poison = false;
+        let mut panic_now = false;
         for (tp, recs) in event["records"].as_object().expect("records") {
             for r in recs.as_array().expect("list") {
                 let key =
@@ -56,6 +57,9 @@ impl Invoker for Recorder {
                 if value["poison"] == json!(true) {
                     poison = true;
                 }
+                if value["panic"] == json!(true) {
+                    panic_now = true;
+                }
                 if value["partial"] == json!(true) {
                     failures.push(json!({ "itemIdentifier": { "topic-partition": tp, "offset": r["offset"] } }));
                 }
@@ -63,6 +67,7 @@ impl Invoker for Recorder {
             }
         }
         self.batches.lock().expect("lock").push(batch);
+        assert!(!panic_now, "the recorder panics on a record asking it to");
         let result = if poison {
             FunctionResult::Err {
                 error_type: "Poison".into(),
@@ -267,6 +272,37 @@ async fn parallelization_keeps_per_key_order() {
     }
     assert_eq!(count, 10_000, "every record exactly once");
     assert!(seen.iter().all(|b| b.len() <= 50));
+}
+
+/// A panic while invoking (here: in the invoker) fails the batch like a function error: bisection
+/// isolates the record that causes it, it reaches the on-failure destination, and its neighbours
+/// run and are committed (before, the lane died and the partition's commit point stayed put).
+#[tokio::test]
+async fn a_panic_while_invoking_a_batch_fails_it_like_a_function_error() {
+    let p = in_process().await;
+    let topic = unique_name("panic");
+    let failed = unique_name("panic-failed");
+    create_topic(&topic, 1).await.expect("topic");
+    let mut recs: Vec<(String, Value)> = (0..8)
+        .map(|i| (format!("k{i}"), json!({ "i": i })))
+        .collect();
+    recs[3].1 = json!({ "i": 3, "panic": true });
+    produce(&topic, &recs).await;
+    p.map(json!({ "FunctionName": "f", "Topics": [topic], "StartingPosition": "TRIM_HORIZON", "BatchSize": 8,
+                  "MaximumBatchingWindowInSeconds": 1, "BisectBatchOnFunctionError": true, "MaximumRetryAttempts": 0,
+                  "DestinationConfig": { "OnFailure": { "Destination": format!("kafka://{failed}") } } }))
+        .await;
+    let fails = read_until(&failed, Duration::from_secs(60), |r| !r.is_empty()).await;
+    assert_eq!(fails.len(), 1, "only the panicking record fails");
+    assert_eq!(fails[0].0, "k3");
+    let seen = p.wait_offsets(8, Duration::from_secs(20)).await;
+    let ok: std::collections::HashSet<i64> = seen
+        .iter()
+        .filter(|b| !b.iter().any(|(_, _, v)| v["panic"] == true))
+        .flatten()
+        .map(|(_, o, _)| *o)
+        .collect();
+    assert_eq!(ok.len(), 7, "every neighbour ran: {seen:?}");
 }
 
 #[tokio::test]

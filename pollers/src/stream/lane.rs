@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use sluice_core::events::now_ms;
 use sluice_core::invoke::{FunctionResult, InvokeRequest};
+use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -178,15 +179,30 @@ async fn deliver(
         }
         let event = kafka_event(&ctx.bootstrap, &pending);
         let started = Instant::now();
-        let result = ctx
-            .invoker
-            .invoke(InvokeRequest {
-                function: ctx.config.function_name.clone(),
-                request_id: uuid_like(),
-                payload: event.to_string().into_bytes(),
-                trace_id: String::new(),
-            })
-            .await;
+        let invocation = ctx.invoker.invoke(InvokeRequest {
+            function: ctx.config.function_name.clone(),
+            request_id: uuid_like(),
+            payload: event.to_string().into_bytes(),
+            trace_id: String::new(),
+        });
+        // A panic while invoking fails the batch like a function error (retries, bisection and
+        // the on-failure destination apply) instead of killing the lane with its records in
+        // flight, which would hold the partition's commit point for good.
+        let result = match std::panic::AssertUnwindSafe(invocation).catch_unwind().await {
+            Ok(result) => result,
+            Err(_) => {
+                metrics::counter!("sluice_stream_handler_panics_total", &labels).increment(1);
+                tracing::error!(mapping = %ctx.uuid, "invoking a batch panicked; failing it like a function error");
+                Ok(sluice_core::invoke::Invoked {
+                    result: FunctionResult::Err {
+                        error_type: "Sluice.HandlerPanic".into(),
+                        payload: br#"{"errorType":"Sluice.HandlerPanic","errorMessage":"invoking the batch panicked"}"#.to_vec(),
+                    },
+                    duration: started.elapsed(),
+                    cold_start: false,
+                })
+            }
+        };
         let (outcome, error) = match result {
             Ok(done) => {
                 metrics::histogram!("sluice_stream_invoke_seconds", &labels)
