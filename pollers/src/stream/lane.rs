@@ -6,9 +6,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::FutureExt;
 use sluice_core::events::now_ms;
 use sluice_core::invoke::{FunctionResult, InvokeRequest};
-use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -188,7 +188,10 @@ async fn deliver(
         // A panic while invoking fails the batch like a function error (retries, bisection and
         // the on-failure destination apply) instead of killing the lane with its records in
         // flight, which would hold the partition's commit point for good.
-        let result = match std::panic::AssertUnwindSafe(invocation).catch_unwind().await {
+        let result = match std::panic::AssertUnwindSafe(invocation)
+            .catch_unwind()
+            .await
+        {
             Ok(result) => result,
             Err(_) => {
                 metrics::counter!("sluice_stream_handler_panics_total", &labels).increment(1);
