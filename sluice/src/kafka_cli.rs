@@ -457,7 +457,8 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     .context("redrive set-up")??;
     // Request ids are unique per run: the pollers skip a request id they have run, so a second
     // redrive of the same record under the same id would silently do nothing.
-    let run = resumed_run.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
+    let run =
+        resumed_run.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
     eprintln!("redriving {total} record(s) from {topic} to {queue} as run {run} (progress kept in consumer group {group})");
     let (mut redriven, mut skipped, mut done) = (0i64, 0i64, 0i64);
     let mut positions: HashMap<i32, i64> = starts;

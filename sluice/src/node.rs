@@ -139,7 +139,11 @@ pub struct NodeArgs {
     #[arg(long, env = "SLUICE_INIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub init_timeout: Duration,
     /// Where the worker role unpacks code kept in Kafka (`Code.ZipFile`).
-    #[arg(long, env = "SLUICE_CODE_CACHE_DIR", default_value = "/var/cache/sluice/code")]
+    #[arg(
+        long,
+        env = "SLUICE_CODE_CACHE_DIR",
+        default_value = "/var/cache/sluice/code"
+    )]
     pub code_cache_dir: std::path::PathBuf,
     /// Size bound of the code cache, MiB: least recently used bundles are removed past it (but
     /// none used in the last 15 minutes).
