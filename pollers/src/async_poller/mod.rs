@@ -295,8 +295,13 @@ impl AsyncPoller {
         let queue = self.consumer(&self.cfg.group_id)?;
         let queue_trackers = Arc::new(Mutex::new(Trackers::new(
             Some(Arc::clone(&queue)),
+            // Running events count against their partition until they finish, and a stuck function
+            // may hold up to `max_in_flight` of them in one partition; the budget is twice that
+            // and more, so that once only stuck events remain the partition is under half and
+            // resumes (at `max_in_flight` it could stay paused for good, holding back every other
+            // function's events behind it).
             Budget {
-                records: self.cfg.max_in_flight.max(1),
+                records: 2 * self.cfg.max_in_flight.max(1) + 2,
                 bytes: QUEUE_PARTITION_BYTES,
             },
         )));
