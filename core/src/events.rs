@@ -99,7 +99,10 @@ impl AsyncEvent {
         })
     }
 
-    fn headers(&self) -> OwnedHeaders {
+    /// Its bookkeeping as Kafka headers, as [`AsyncEvent::from_message`] reads them (for
+    /// writers that choose their own key or partition, e.g. the pollers' re-queues).
+    #[must_use]
+    pub fn headers(&self) -> OwnedHeaders {
         let enq = self.enqueued_ms.to_string();
         let att = self.attempts.to_string();
         let thr = self.throttles.to_string();

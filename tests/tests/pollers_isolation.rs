@@ -302,7 +302,7 @@ impl Env {
 
 /// Writes `event` as the front end does, to `partition`.
 async fn send_to(events: &EventProducer, topic: &str, event: &AsyncEvent, partition: i32) {
-    let headers = headers_of(event);
+    let headers = event.headers();
     let record = FutureRecord::to(topic)
         .key(&event.request_id)
         .payload(&event.payload)
@@ -314,24 +314,6 @@ async fn send_to(events: &EventProducer, topic: &str, event: &AsyncEvent, partit
         .await
         .map_err(|(e, _)| e)
         .expect("produce");
-}
-
-fn headers_of(event: &AsyncEvent) -> rdkafka::message::OwnedHeaders {
-    use rdkafka::message::{Header, OwnedHeaders};
-    let fields = [
-        ("sluice-request-id", event.request_id.clone()),
-        ("sluice-function", event.function.clone()),
-        ("sluice-enqueued-ms", event.enqueued_ms.to_string()),
-        ("sluice-attempts", event.attempts.to_string()),
-        ("sluice-throttles", event.throttles.to_string()),
-        ("sluice-not-before-ms", event.not_before_ms.to_string()),
-    ];
-    fields.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
-        h.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        })
-    })
 }
 
 async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {

@@ -32,7 +32,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
 use rdkafka::consumer::StreamConsumer;
@@ -503,7 +502,7 @@ impl AsyncPoller {
     }
 
     async fn send(&self, topic: &str, event: &AsyncEvent) -> Result<(), KafkaError> {
-        let headers = event_headers(event);
+        let headers = event.headers();
         let record = FutureRecord::to(topic)
             .key(&event.request_id)
             .payload(&event.payload)
@@ -771,26 +770,6 @@ impl AsyncPoller {
             }
         }
     }
-}
-
-/// The headers of `event` on the wire, as [`AsyncEvent::from_message`] reads them (the same
-/// names `sluice_core::events` writes; its producer keys by function name, which would put a hot
-/// function's re-queued events on one partition).
-fn event_headers(event: &AsyncEvent) -> OwnedHeaders {
-    let fields = [
-        ("sluice-request-id", event.request_id.clone()),
-        ("sluice-function", event.function.clone()),
-        ("sluice-enqueued-ms", event.enqueued_ms.to_string()),
-        ("sluice-attempts", event.attempts.to_string()),
-        ("sluice-throttles", event.throttles.to_string()),
-        ("sluice-not-before-ms", event.not_before_ms.to_string()),
-    ];
-    fields.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
-        h.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        })
-    })
 }
 
 /// The event in `m`; a record that is not one (on the queue or a delay topic) is logged,
