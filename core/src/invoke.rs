@@ -80,6 +80,19 @@ impl InvokeError {
             InvokeError::Throttled { .. } | InvokeError::NoCapacity(_) | InvokeError::Service(_)
         )
     }
+
+    /// The error body a caller records when it counts this error as a function error (one no
+    /// retry can fix, e.g. [`InvokeError::Config`]): Lambda's `{"errorType", "errorMessage"}`
+    /// with type `Runtime.ConfigurationError`.
+    #[must_use]
+    pub fn function_error_body(&self) -> Vec<u8> {
+        serde_json::json!({
+            "errorType": "Runtime.ConfigurationError",
+            "errorMessage": self.to_string(),
+        })
+        .to_string()
+        .into_bytes()
+    }
 }
 
 /// Runs functions.

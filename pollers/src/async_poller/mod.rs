@@ -749,12 +749,7 @@ impl AsyncPoller {
                 // The function's configuration cannot run here (InvokeError::Config): the user's
                 // doing, so Lambda counts it as a function error (an attempt), never a throttle.
                 event.attempts += 1;
-                let payload = serde_json::json!({
-                    "errorType": "Runtime.ConfigurationError",
-                    "errorMessage": e.to_string(),
-                })
-                .to_string()
-                .into_bytes();
+                let payload = e.function_error_body();
                 tracing::info!(function = %event.function, request_id = %event.request_id, attempt = event.attempts, error = %e, "function cannot run; counted as a function error");
                 self.on_function_error(event, &config, &payload).await
             }

@@ -240,11 +240,7 @@ async fn deliver(
                 // error (retries, bisection and the on-failure destination apply).
                 tracing::info!(mapping = %ctx.uuid, error = %e, "function cannot run; counted as a function error");
                 metrics::counter!("sluice_stream_function_errors_total", &labels).increment(1);
-                let body = serde_json::json!({
-                    "errorType": "Runtime.ConfigurationError",
-                    "errorMessage": e.to_string(),
-                });
-                (Outcome::FunctionError, body.to_string().into_bytes())
+                (Outcome::FunctionError, e.function_error_body())
             }
             Err(e) => {
                 // Throttles and capacity problems are not retries: wait and try again.
