@@ -102,8 +102,8 @@ impl DurableProducer {
     }
 
     /// Replaces the producer of `generation` (no-op when another sender replaced it already, or
-    /// for a producer made elsewhere). Public for tests, which cannot make librdkafka fail
-    /// fatally on demand.
+    /// for a producer made elsewhere). Public for tests that check how concurrent senders
+    /// rebuild.
     #[doc(hidden)]
     pub fn rebuild(&self, generation: u64, reason: &str) {
         let Some(config) = &self.inner.config else {

@@ -37,8 +37,16 @@ pub fn unique_name(prefix: &str) -> String {
 /// # Errors
 /// When the broker refuses the topic.
 pub async fn create_topic(name: &str, partitions: i32) -> anyhow::Result<()> {
+    create_topic_at(&bootstrap(), name, partitions).await
+}
+
+/// Creates a topic on the broker at `bootstrap` (e.g. a private [`crate::broker::Broker`]).
+///
+/// # Errors
+/// When the broker refuses the topic.
+pub async fn create_topic_at(bootstrap: &str, name: &str, partitions: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .create()?;
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

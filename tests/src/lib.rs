@@ -4,11 +4,13 @@
 //! - [`redis`]: a private `redis-server` per test, on a free loopback port (restartable).
 //! - [`kafka`]: the Kafka-compatible broker that `scripts/test.sh` starts (`SLUICE_TEST_KAFKA`),
 //!   with per-test topic names.
+//! - [`broker`]: a private tansu per test, for tests that freeze, kill or restart the broker.
 //!
 //! Nothing here is a mock: a test that cannot reach the real part fails with a message that says
 //! how to start it; it is never skipped.
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod functions;
 pub mod kafka;
 pub mod node;
