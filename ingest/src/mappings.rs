@@ -164,34 +164,44 @@ pub(crate) async fn create(
     let mut config: EventSourceMappingConfig = parse(text, Format::Json).map_err(model_error)?;
     check_function(&state, &config)?;
     let uuid = uuid::Uuid::new_v4().to_string();
-    check_isolation(&state, &config, config.consumer_group_id().unwrap_or(&uuid))?;
-    if config.consumer_group_id().is_none() {
-        // Lambda's default consumer group is the mapping's UUID.
-        config.self_managed_kafka_event_source_config = Some(KafkaEventSourceConfig {
-            consumer_group_id: Some(uuid.clone()),
-        });
-    }
-    let enabled = config.enabled;
-    let mapping = EventSourceMappingState {
-        uuid: uuid.clone(),
-        config,
-        state: if enabled {
-            MappingState::Creating
-        } else {
-            MappingState::Disabled
-        },
-        state_transition_reason: "USER_INITIATED".into(),
-        last_modified: now_secs(),
-        last_processing_result: "No records processed".into(),
-    };
+    let group = config.consumer_group_id().unwrap_or(&uuid).to_owned();
+    // Two creates with the same ConsumerGroupId on two nodes must not both pass the check: the
+    // check and the write run under the group's lock, on a view caught up after taking it.
+    let resource = format!("consumer-group/{group}");
     state
         .store
-        .write(
-            &ObjectKey::event_source_mapping(&uuid),
-            Some(ConfigObject::EventSourceMapping(Box::new(mapping))),
-            Expected::Absent,
-        )
-        .await?;
+        .exclusive(&resource, || async {
+            check_isolation(&state, &config, &group)?;
+            if config.consumer_group_id().is_none() {
+                // Lambda's default consumer group is the mapping's UUID.
+                config.self_managed_kafka_event_source_config = Some(KafkaEventSourceConfig {
+                    consumer_group_id: Some(uuid.clone()),
+                });
+            }
+            let enabled = config.enabled;
+            let mapping = EventSourceMappingState {
+                uuid: uuid.clone(),
+                config,
+                state: if enabled {
+                    MappingState::Creating
+                } else {
+                    MappingState::Disabled
+                },
+                state_transition_reason: "USER_INITIATED".into(),
+                last_modified: now_secs(),
+                last_processing_result: "No records processed".into(),
+            };
+            state
+                .store
+                .write(
+                    &ObjectKey::event_source_mapping(&uuid),
+                    Some(ConfigObject::EventSourceMapping(Box::new(mapping))),
+                    Expected::Absent,
+                )
+                .await?;
+            Ok::<(), ApiError>(())
+        })
+        .await??;
     tracing::info!(uuid = %uuid, "event source mapping created");
     Ok((
         StatusCode::ACCEPTED,

@@ -85,7 +85,7 @@ async fn consumer_groups_are_unique_and_sluices_own_topics_and_groups_cannot_be_
     assert_eq!(status, 202, "{second}");
     let second_uuid = second["UUID"].as_str().expect("uuid").to_owned();
     let (status, body) = post(
-        &http,
+        http,
         &url,
         &mapping(
             &t1,
@@ -109,7 +109,7 @@ async fn consumer_groups_are_unique_and_sluices_own_topics_and_groups_cannot_be_
     }
     // …and its own consumer groups.
     let (status, body) = post(
-        &http,
+        http,
         &url,
         &mapping(
             &t1,
@@ -155,4 +155,38 @@ async fn filter_patterns_are_checked_by_the_pollers_compiler_at_create_and_updat
         .await
         .expect("update");
     assert_eq!(r.status().as_u16(), 202);
+}
+
+#[tokio::test]
+async fn racing_creates_with_one_consumer_group_on_two_nodes_accept_exactly_one() {
+    let s = setup("mvr").await;
+    // A second node on the same cluster, Redis and prefix: the race crosses nodes.
+    let other = Node::start(
+        &bootstrap(),
+        &s._redis.url(),
+        &s.prefix,
+        &["--node-id", &format!("{}-second", s.prefix)],
+    );
+    let topic = unique_name("mvr");
+    create_topic(&topic, 1).await.expect("topic");
+    for round in 0..3 {
+        let group = unique_name(&format!("race{round}"));
+        let g = json!({ "SelfManagedKafkaEventSourceConfig": { "ConsumerGroupId": group } });
+        let body = mapping(&topic, &g);
+        let urls: Vec<String> = (0..8)
+            .map(|i| {
+                let n = if i % 2 == 0 { &s.node } else { &other };
+                format!("{}/2015-03-31/event-source-mappings/", n.endpoint)
+            })
+            .collect();
+        let results = futures::future::join_all(urls.iter().map(|u| post(&s.http, u, &body))).await;
+        let accepted = results.iter().filter(|(st, _)| *st == 202).count();
+        let refused = results.iter().filter(|(st, _)| *st == 400).count();
+        let statuses: Vec<u16> = results.iter().map(|(st, _)| *st).collect();
+        assert_eq!(
+            (accepted, refused),
+            (1, 7),
+            "round {round}: statuses of 8 racing creates on group {group}: {statuses:?}"
+        );
+    }
 }

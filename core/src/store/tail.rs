@@ -279,9 +279,36 @@ impl ConfigStore {
         object: Option<ConfigObject>,
         expected: Expected,
     ) -> Result<u64, StoreError> {
-        let lock = self.lock(key).await?;
+        let name = key.to_string();
+        let lock = self.lock(&name).await?;
         let result = self.write_locked(key, object, expected).await;
-        self.unlock(key, lock).await;
+        self.unlock(&name, lock).await;
+        result
+    }
+
+    /// Runs `f` holding the write lock of `resource`, a name that is not an object (e.g.
+    /// `consumer-group/<id>`), on a view caught up after the lock was taken. A check that spans
+    /// objects and the write that follows it (a value that must be unique across them) are then
+    /// atomic among writers that take the same lock; without Redis there is no lock and `f` just
+    /// runs on a caught-up view.
+    ///
+    /// # Errors
+    /// [`StoreError::Busy`] when another writer keeps `resource` locked, Redis errors, and the
+    /// catch-up's errors; `f`'s own result is returned inside `Ok`.
+    pub async fn exclusive<R, Fut>(
+        &self,
+        resource: &str,
+        f: impl FnOnce() -> Fut,
+    ) -> Result<R, StoreError>
+    where
+        Fut: std::future::Future<Output = R>,
+    {
+        let lock = self.lock(resource).await?;
+        let result = match self.catch_up().await {
+            Ok(()) => Ok(f().await),
+            Err(e) => Err(e),
+        };
+        self.unlock(resource, lock).await;
         result
     }
 
@@ -487,7 +514,7 @@ impl ConfigStore {
             .collect()
     }
 
-    async fn lock(&self, key: &ObjectKey) -> Result<Option<String>, StoreError> {
+    async fn lock(&self, key: &str) -> Result<Option<String>, StoreError> {
         let Some(redis) = &self.inner.redis else {
             return Ok(None);
         };
@@ -521,7 +548,7 @@ impl ConfigStore {
         }
     }
 
-    async fn unlock(&self, key: &ObjectKey, token: Option<String>) {
+    async fn unlock(&self, key: &str, token: Option<String>) {
         let (Some(redis), Some(token)) = (&self.inner.redis, token) else {
             return;
         };
