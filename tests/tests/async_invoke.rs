@@ -406,3 +406,88 @@ async fn acknowledged_events_survive_a_sigkill() {
         got.len() - unique.len()
     );
 }
+
+/// A poller on another node than the front end reads the queue and the configuration through
+/// separate consumers, so an event can reach it before the function's record does: it must catch
+/// its view up with the log before it drops the event as FunctionDeleted. Each function here is
+/// created, configured and sent an event back to back, 30 times, so the poller's view is behind
+/// for some of them.
+#[tokio::test]
+async fn a_poller_whose_view_lags_catches_up_instead_of_dropping_a_new_functions_event() {
+    let redis = RedisServer::start();
+    let prefix = unique_name("lag").replace('-', "");
+    let mut front_args = sluice_tests::node::FAST_RETRIES.to_vec();
+    let front_id = format!("{prefix}-front");
+    front_args.extend(["--roles", "frontend", "--node-id", &front_id]);
+    let front = Node::start(&bootstrap(), &redis.url(), &prefix, &front_args);
+    let mut poller_args = sluice_tests::node::FAST_RETRIES.to_vec();
+    let poller_id = format!("{prefix}-poller");
+    poller_args.extend(["--roles", "poller,worker", "--node-id", &poller_id]);
+    let poller = Node::start(&bootstrap(), &redis.url(), &prefix, &poller_args);
+    let bundle = Bundle::of("fn-echo");
+    let http = reqwest::Client::new();
+    let ok = format!("{prefix}-ok");
+    let n = 30;
+    for i in 0..n {
+        let name = format!("new{i}");
+        let r = http
+            .post(format!("{}/2015-03-31/functions", front.endpoint))
+            .json(&json!({ "FunctionName": name, "Code": { "Path": bundle.path() } }))
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+        let r = http
+            .put(format!("{}/2019-09-25/functions/{name}/event-invoke-config", front.endpoint))
+            .json(&json!({ "DestinationConfig": { "OnSuccess": { "Destination": format!("kafka://{ok}") } } }))
+            .send()
+            .await
+            .expect("eic");
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+        let r = http
+            .post(format!(
+                "{}/2015-03-31/functions/{name}/invocations",
+                front.endpoint
+            ))
+            .header("X-Amz-Invocation-Type", "Event")
+            .body(json!({ "i": i }).to_string())
+            .send()
+            .await
+            .expect("invoke");
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let got = read_until(&ok, Duration::from_secs(90), move |r| r.len() >= n).await;
+    let dropped = poller
+        .metric("sluice_async_events_dropped_total", "FunctionDeleted")
+        .await;
+    assert_eq!(
+        dropped, 0.0,
+        "events dropped as FunctionDeleted by the poller"
+    );
+    let mut seen: Vec<String> = records(&got)
+        .iter()
+        .filter_map(|r| {
+            r["requestContext"]["functionArn"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        n,
+        "on-success records of {} of {n} functions",
+        seen.len()
+    );
+}
