@@ -12,8 +12,7 @@
 //! reader starting at the first store's offset finds the newer copies further on).
 //!
 //! The local cache is bounded ([`CodeCache`]): least recently used bundles go first once it is
-//! over its size, but never one used within [`CACHE_IN_USE_GRACE`], which a warm sandbox may still
-//! be running from.
+//! over its size, but never one a live sandbox runs from or an invocation has just fetched.
 
 use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
@@ -34,10 +33,6 @@ pub const CHUNK_BYTES: usize = 512 * 1024;
 pub const MAX_ZIP_BYTES: usize = 50 * 1024 * 1024;
 /// Lambda's limit on an unpacked bundle.
 pub const MAX_UNPACKED_BYTES: u64 = 250 * 1024 * 1024;
-
-/// Bundles used within this long are never evicted from the cache: a warm sandbox may still run
-/// from them (Lambda's longest function timeout).
-pub const CACHE_IN_USE_GRACE: Duration = Duration::from_secs(15 * 60);
 
 /// The code topic: one partition (a bundle's chunks in order), compacted (chunk keys are
 /// unique, so nothing of a live bundle is ever compacted away) and never deleted by age.
@@ -428,15 +423,30 @@ fn unpack(zip: &[u8], code: &StoredCode, cache: &Path, dir: PathBuf) -> Result<P
     Ok(dir)
 }
 
-/// The worker's unpacked-code cache: `<dir>/<sha256>/`, at most `max_bytes` on disk (least
-/// recently used out first; bundles used within [`CACHE_IN_USE_GRACE`] stay, so the bound can be
-/// passed while many bundles are in use).
-#[derive(Debug, Clone)]
+/// Names the bundles (by hash) that live sandboxes run from, so the cache never removes them.
+pub type InUse = std::sync::Arc<dyn Fn() -> std::collections::HashSet<String> + Send + Sync>;
+
+/// The worker's unpacked-code cache: `<dir>/<sha256>/`, at most `max_bytes` on disk, least
+/// recently used out first. A bundle is never removed while it is in use: while a live sandbox
+/// runs from it (the [`InUse`] hook, e.g. the pool's idle sandboxes), or until the deadline the
+/// last [`CodeCache::get`] gave it (an invocation that fetched it may still be booting or running
+/// a sandbox from it). Only in-use bundles can keep the cache over its bound.
+#[derive(Clone)]
 pub struct CodeCache {
     /// The cache directory.
     pub dir: PathBuf,
     /// Its size bound.
     pub max_bytes: u64,
+    in_use: Option<InUse>,
+}
+
+impl std::fmt::Debug for CodeCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CodeCache")
+            .field("dir", &self.dir)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CodeCache {
@@ -446,30 +456,46 @@ impl CodeCache {
         Self {
             dir: dir.into(),
             max_bytes,
+            in_use: None,
         }
     }
 
-    /// [`fetch_and_unpack`] into this cache; marks the bundle used and evicts least recently
-    /// used ones past the bound. Blocking.
+    /// The same cache, never removing the bundles `in_use` names.
+    #[must_use]
+    pub fn with_in_use(mut self, in_use: InUse) -> Self {
+        self.in_use = Some(in_use);
+        self
+    }
+
+    /// [`fetch_and_unpack`] into this cache; marks the bundle in use for `hold` (the longest the
+    /// caller may run a sandbox from it without the [`InUse`] hook knowing: its boot and one
+    /// invocation) and, when it was fetched now, evicts least recently used bundles past the
+    /// bound. Blocking.
     ///
     /// # Errors
     /// As [`fetch_and_unpack`].
-    pub fn get(&self, kafka: &KafkaSettings, code: &StoredCode) -> Result<PathBuf, CodeError> {
+    pub fn get(
+        &self,
+        kafka: &KafkaSettings,
+        code: &StoredCode,
+        hold: Duration,
+    ) -> Result<PathBuf, CodeError> {
         let fresh = !self.dir.join(&code.sha256).join("bootstrap").is_file();
         let dir = fetch_and_unpack(kafka, code, &self.dir)?;
-        touch(&self.dir, &code.sha256);
+        touch(&self.dir, &code.sha256, SystemTime::now() + hold);
         if fresh {
             self.evict(&code.sha256);
         }
         Ok(dir)
     }
 
-    /// Removes least recently used bundles (never `keep`, never one used within the grace)
-    /// until the cache is within its bound. Returns the removed hashes.
+    /// Removes least recently used bundles (never `keep`, never one in use) until the cache is
+    /// within its bound. Returns the removed hashes.
     pub fn evict(&self, keep: &str) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
+        let live = self.in_use.as_ref().map(|f| f()).unwrap_or_default();
         let mut bundles: Vec<(SystemTime, String, u64)> = entries
             .flatten()
             .filter_map(|e| {
@@ -477,22 +503,21 @@ impl CodeCache {
                 if name.starts_with('.') || !e.path().is_dir() {
                     return None;
                 }
-                let used = std::fs::metadata(self.dir.join(format!(".{name}.used")))
+                let held_until = std::fs::metadata(self.dir.join(format!(".{name}.used")))
                     .and_then(|m| m.modified())
                     .unwrap_or(SystemTime::UNIX_EPOCH);
-                Some((used, name, dir_bytes(&e.path())))
+                Some((held_until, name, dir_bytes(&e.path())))
             })
             .collect();
         let mut total: u64 = bundles.iter().map(|b| b.2).sum();
         bundles.sort();
         let now = SystemTime::now();
         let mut removed = Vec::new();
-        for (used, name, bytes) in bundles {
+        for (held_until, name, bytes) in bundles {
             if total <= self.max_bytes {
                 break;
             }
-            let recent = now.duration_since(used).unwrap_or_default() < CACHE_IN_USE_GRACE;
-            if name == keep || recent {
+            if name == keep || held_until > now || live.contains(&name) {
                 continue;
             }
             if std::fs::remove_dir_all(self.dir.join(&name)).is_ok() {
@@ -502,20 +527,28 @@ impl CodeCache {
                 removed.push(name);
             }
         }
+        if total > self.max_bytes {
+            tracing::debug!(
+                bytes = total,
+                bound = self.max_bytes,
+                "code cache over its bound: every bundle left is in use"
+            );
+        }
         metrics::gauge!("sluice_code_cache_bytes").set(total as f64);
         removed
     }
 }
 
-/// Marks bundle `sha` used now (the mtime of `<dir>/.<sha>.used`).
-fn touch(dir: &Path, sha: &str) {
+/// Marks bundle `sha` in use until `until` (the mtime of `<dir>/.<sha>.used`; a later use moves
+/// it, so the oldest mtime is also the least recently used bundle).
+fn touch(dir: &Path, sha: &str, until: SystemTime) {
     let marker = dir.join(format!(".{sha}.used"));
     let ok = std::fs::File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&marker)
-        .and_then(|f| f.set_modified(SystemTime::now()));
+        .and_then(|f| f.set_modified(until));
     if let Err(e) = ok {
         tracing::warn!(path = %marker.display(), error = %e, "cannot mark a cached bundle used");
     }
@@ -553,24 +586,31 @@ mod tests {
     }
 
     #[test]
-    fn cache_evicts_least_recently_used_past_its_bound_but_not_recent_ones() {
+    fn cache_evicts_least_recently_used_past_its_bound_but_never_one_in_use() {
         let dir = std::env::temp_dir().join(format!("sluice-code-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        for (sha, age_s) in [("old", 7200), ("older", 9000), ("new", 10)] {
+        let now = SystemTime::now();
+        let s = Duration::from_secs;
+        // (bundle, held until): `held` is still inside its last get's hold, `live` is an idle
+        // sandbox's, the rest are free, `older` the least recently used.
+        for (sha, until) in [
+            ("old", now - s(7200)),
+            ("older", now - s(9000)),
+            ("live", now - s(9500)),
+            ("held", now + s(60)),
+            ("new", now),
+        ] {
             std::fs::create_dir_all(dir.join(sha)).expect("mkdir");
             std::fs::write(dir.join(sha).join("bootstrap"), vec![0u8; 1000]).expect("write");
-            touch(&dir, sha);
-            let f = std::fs::File::options()
-                .write(true)
-                .open(dir.join(format!(".{sha}.used")))
-                .expect("marker");
-            f.set_modified(SystemTime::now() - Duration::from_secs(age_s))
-                .expect("mtime");
+            touch(&dir, sha, until);
         }
-        let cache = CodeCache::new(&dir, 1500);
+        let live: InUse = std::sync::Arc::new(|| ["live".to_owned()].into_iter().collect());
+        let cache = CodeCache::new(&dir, 1500).with_in_use(live);
         let removed = cache.evict("new");
         assert_eq!(removed, ["older", "old"]);
-        assert!(dir.join("new").join("bootstrap").is_file());
+        for kept in ["new", "held", "live"] {
+            assert!(dir.join(kept).join("bootstrap").is_file(), "{kept} removed");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -145,8 +145,8 @@ pub struct NodeArgs {
         default_value = "/var/cache/sluice/code"
     )]
     pub code_cache_dir: std::path::PathBuf,
-    /// Size bound of the code cache, MiB: least recently used bundles are removed past it (but
-    /// none used in the last 15 minutes).
+    /// Size bound of the code cache, MiB: least recently used bundles are removed past it, but
+    /// never one a live sandbox runs from or an invocation in progress has fetched.
     #[arg(long, env = "SLUICE_CODE_CACHE_MAX_MB", default_value_t = 10_240)]
     pub code_cache_max_mb: u64,
     /// An extra librdkafka property for every Kafka client, `KEY=VALUE` (repeatable), e.g.

@@ -211,3 +211,134 @@ async fn code_written_long_ago_runs_on_a_node_with_an_empty_cache() {
     let _ = std::fs::remove_dir_all(&cache_a);
     let _ = std::fs::remove_dir_all(&cache_b);
 }
+
+/// A zip of the POSIX-shell echo runtime (`examples/echo`) plus `pad_bytes` of random data, so
+/// each bundle has its own hash and a known size on disk.
+fn echo_zip(pad_bytes: usize) -> Vec<u8> {
+    let out = std::env::temp_dir().join(format!("{}.zip", unique_name("bundle")));
+    let bootstrap =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/echo/bootstrap");
+    let script = format!(
+        "import zipfile,sys,os\n\
+         z=zipfile.ZipFile(sys.argv[1],'w',zipfile.ZIP_DEFLATED)\n\
+         i=zipfile.ZipInfo('bootstrap'); i.external_attr=0o755<<16; i.compress_type=zipfile.ZIP_DEFLATED\n\
+         z.writestr(i, open('{}','rb').read())\n\
+         z.writestr('pad.bin', os.urandom({pad_bytes})); z.close()\n",
+        bootstrap.display()
+    );
+    let mut child = std::process::Command::new("python3")
+        .arg("-")
+        .arg(&out)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (makes the test zip)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("script");
+    assert!(child.wait().expect("python3").success());
+    let zip = std::fs::read(&out).expect("zip");
+    let _ = std::fs::remove_file(&out);
+    zip
+}
+
+/// The bundles (hash directories) in a code cache.
+fn cached(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_code_cache_stays_within_its_bound_except_for_bundles_in_use() {
+    let redis = RedisServer::start();
+    let prefix = unique_name("t").replace('-', "");
+    let cache = std::env::temp_dir().join(unique_name("code-cache"));
+    let cache_dir = cache.display().to_string();
+    // 1 MiB of cache, bundles of 700 kB: one fits. Idle sandboxes are reaped after 1 s.
+    let node = Node::start(
+        &bootstrap(),
+        &redis.url(),
+        &prefix,
+        &[
+            "--code-cache-dir",
+            &cache_dir,
+            "--code-cache-max-mb",
+            "1",
+            "--sandbox-idle-timeout",
+            "1s",
+            "--init-timeout",
+            "2s",
+        ],
+    );
+    let http = reqwest::Client::new();
+    for name in ["one", "two", "three"] {
+        let zip = base64::engine::general_purpose::STANDARD.encode(echo_zip(700_000));
+        let r = http
+            .post(format!("{}/2015-03-31/functions", node.endpoint))
+            .json(&json!({ "FunctionName": name, "Code": { "ZipFile": zip }, "Timeout": 1 }))
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+    let invoke = |name: &'static str| {
+        let (http, endpoint) = (http.clone(), node.endpoint.clone());
+        async move {
+            let r = http
+                .post(format!(
+                    "{endpoint}/2015-03-31/functions/{name}/invocations"
+                ))
+                .body(format!(r#"{{"hello":"{name}"}}"#))
+                .send()
+                .await
+                .expect("invoke");
+            assert_eq!(r.status(), StatusCode::OK, "invoke {name}");
+            assert!(
+                r.headers().get("x-amz-function-error").is_none(),
+                "invoke {name}"
+            );
+        }
+    };
+    // A bundle fetched by an invocation is held for that invocation (init 2 s + timeout 1 s +
+    // 5 s) and, after it, while its sandbox is idle (reaped after 1 s).
+    let held = Duration::from_secs(9);
+
+    invoke("one").await;
+    assert_eq!(cached(&cache).len(), 1);
+    // `two` while `one` is held: both stay, over the bound, because `one` is in use.
+    invoke("two").await;
+    assert_eq!(cached(&cache).len(), 2, "a bundle in use was removed");
+    // Once neither is in use, fetching `three` removes the least recently used down to the
+    // bound: only `three` is left.
+    tokio::time::sleep(held).await;
+    invoke("three").await;
+    let left = cached(&cache);
+    assert_eq!(
+        left.len(),
+        1,
+        "cache over its bound with nothing in use: {left:?}"
+    );
+    // A removed bundle comes back from Kafka (code never expires) and runs.
+    tokio::time::sleep(held).await;
+    invoke("one").await;
+    assert_eq!(cached(&cache).len(), 1);
+    assert!(
+        node.metric("sluice_code_cache_evictions_total", "").await >= 2.0,
+        "evictions counted"
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}

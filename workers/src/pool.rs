@@ -261,6 +261,25 @@ impl Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The code directories idle sandboxes (provisioned ones included) run from now. A busy
+    /// sandbox's directory is not listed: its invocation fetched it, and the code cache holds it
+    /// for that invocation (see `sluice_core::code::CodeCache::get`).
+    #[must_use]
+    pub fn idle_task_dirs(&self) -> std::collections::HashSet<std::path::PathBuf> {
+        self.lock()
+            .idle
+            .values()
+            .flatten()
+            .map(|i| i.sandbox.spec().task_dir.clone())
+            .collect()
+    }
+
+    /// How long a sandbox may take to boot (its init timeout).
+    #[must_use]
+    pub fn init_timeout(&self) -> Duration {
+        self.config.init_timeout
+    }
+
     /// Sandboxes that are idle now.
     #[must_use]
     pub fn idle_count(&self) -> usize {

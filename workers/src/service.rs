@@ -156,6 +156,18 @@ impl WorkerService {
         account: AccountIdentity,
         code: Option<(KafkaSettings, CodeCache)>,
     ) -> Self {
+        // Bundles that idle sandboxes run from stay in the cache whatever its bound.
+        let code = code.map(|(kafka, cache)| {
+            let (p, dir) = (pool.clone(), cache.dir.clone());
+            let in_use: sluice_core::code::InUse = Arc::new(move || {
+                p.idle_task_dirs()
+                    .into_iter()
+                    .filter(|d| d.parent() == Some(dir.as_path()))
+                    .filter_map(|d| Some(d.file_name()?.to_str()?.to_owned()))
+                    .collect()
+            });
+            (kafka, cache.with_in_use(in_use))
+        });
         Self {
             inner: Arc::new(Inner {
                 id,
@@ -238,7 +250,12 @@ impl WorkerService {
             }
             (None, Some(stored), Some((kafka, cache))) => {
                 let (kafka, cache, stored) = (kafka.clone(), cache.clone(), stored.clone());
-                tokio::task::spawn_blocking(move || cache.get(&kafka, &stored))
+                // Held for this invocation's boot and run; an idle sandbox after it is known to
+                // the cache through the pool.
+                let hold = self.inner.pool.init_timeout()
+                    + Duration::from_secs(u64::try_from(c.timeout).unwrap_or(3))
+                    + Duration::from_secs(5);
+                tokio::task::spawn_blocking(move || cache.get(&kafka, &stored, hold))
                     .await
                     .map_err(|e| SpecError::Invoke(InvokeError::Service(e.to_string())))?
                     .map_err(|e| SpecError::Function {
