@@ -15,15 +15,15 @@ use sluice_core::invoke::Invoker;
 use sluice_core::kafka::KafkaSettings;
 use sluice_core::store::{ConfigStore, ConfigStoreConfig};
 use sluice_destinations::DestinationWriter;
+use sluice_fleet::invoker::{AccountIdentity, ClusterInvoker, ClusterParts};
+use sluice_fleet::member::WorkerNode;
+use sluice_fleet::registry::WorkerRegistry;
+use sluice_fleet::worker_manager::IdleIndex;
 use sluice_ingest::{AccountSettings, ApiState};
 use sluice_leasing::ConcurrencyCounter;
 use sluice_pollers::async_poller::{AsyncPoller, AsyncPollerConfig};
 use sluice_pollers::stream::{StreamConfig, StreamTracker};
-use sluice_workers::invoker::{AccountIdentity, ClusterInvoker, ClusterParts};
-use sluice_workers::manager::IdleIndex;
-use sluice_workers::node::WorkerNode;
-use sluice_workers::registry::WorkerRegistry;
-use sluice_workers::remote;
+use sluice_workers::server;
 use sluice_workers::service::WorkerService;
 use sluice_workers::{Pool, PoolConfig};
 
@@ -479,7 +479,7 @@ async fn start_worker(
         None => bound.to_string(),
     };
     info!(listen = %bound, advertise = %addr, "worker API listening");
-    let app = remote::router(service.clone(), args.worker_token.clone());
+    let app = server::router(service.clone(), args.worker_token.clone());
     let stop = cancel.clone();
     tracker.spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());

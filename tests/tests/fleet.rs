@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sluice_fleet::registry::WorkerRegistry;
 use sluice_tests::functions::Bundle;
 use sluice_tests::kafka::{bootstrap, read_until, unique_name};
 use sluice_tests::node::Node;
 use sluice_tests::redis::RedisServer;
-use sluice_workers::registry::WorkerRegistry;
 
 struct Fleet {
     /// The nodes without the worker role.

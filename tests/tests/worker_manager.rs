@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use sluice_fleet::registry::{WorkerInfo, WorkerRegistry};
+use sluice_fleet::worker_manager::{Claim, IdleIndex};
 use sluice_tests::redis::RedisServer;
-use sluice_workers::manager::{Claim, IdleIndex};
-use sluice_workers::registry::{WorkerInfo, WorkerRegistry};
 
 fn info(id: &str) -> WorkerInfo {
     WorkerInfo {

@@ -1,6 +1,6 @@
 //! [`WorkerService`]: the worker role. It runs invocations that the worker manager or placement
 //! sent to this node on its [`Pool`], whether they came over the network
-//! ([`crate::remote`]) or from the same process, and boots provisioned sandboxes.
+//! (`crate::server`) or from the same process, and boots provisioned sandboxes.
 //! It does not count concurrency: the caller holds the slot.
 //!
 //! What the function's owner caused is a function error ([`FunctionResult::Err`], counted as an

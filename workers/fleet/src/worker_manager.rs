@@ -13,7 +13,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use crate::pool::Key;
+use sluice_workers::pool::Key;
 
 /// How long an idle set outlives its last addition (sets of deleted functions go away).
 const IDLE_SET_TTL: Duration = Duration::from_secs(3600);

@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::manager::IdleIndex;
-use crate::pool::{Key, PoolEvent};
 use crate::provisioned;
 use crate::registry::{RegistryError, WorkerInfo, WorkerRegistry};
-use crate::service::WorkerService;
+use crate::worker_manager::IdleIndex;
+use sluice_workers::pool::{Key, PoolEvent};
+use sluice_workers::service::WorkerService;
 
 /// A sandbox idle for this long is offered again at each resync, repairing index entries lost
 /// to a dropped event, a Redis flush, or a claim whose invocation never arrived.

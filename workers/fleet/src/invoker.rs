@@ -3,7 +3,7 @@
 //! Per invocation: take a cluster-wide concurrency slot (Redis; 429 when over), then ask the
 //! worker manager's index for an idle warm sandbox of the function on a live worker; if there is
 //! none, placement picks a worker with room for a new one (a cold start). The request goes to
-//! that worker over the network ([`crate::remote`]), or straight to the pool when the worker is
+//! that worker over the network ([`crate::client`]), or straight to the pool when the worker is
 //! this node. A worker that is unreachable or dies mid-invoke is skipped for one registry TTL and
 //! the invocation goes to another worker (at least once, like every Sluice delivery); when no
 //! worker has room the invocation is throttled ([`InvokeError::NoCapacity`], 429 / re-queued).
@@ -20,12 +20,12 @@ use sluice_leasing::{unreserved_limit, ConcurrencyCounter, CountError, FunctionL
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::manager::IdleIndex;
+use crate::client::{RemoteClient, RemoteError};
 use crate::placement;
 use crate::registry::{RegistryError, WorkerInfo, WorkerRegistry};
-use crate::remote::{RemoteClient, RemoteError};
-pub use crate::service::AccountIdentity;
-use crate::service::{WorkerRequest, WorkerResult, WorkerService};
+use crate::worker_manager::IdleIndex;
+pub use sluice_workers::service::AccountIdentity;
+use sluice_workers::service::{WorkerRequest, WorkerResult, WorkerService};
 
 /// How many workers an invocation tries when workers die under it.
 const MAX_WORKERS_LOST: usize = 3;
