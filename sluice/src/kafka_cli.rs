@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use sluice_core::events::{AsyncEvent, EventProducer};
+use sluice_core::events::EventProducer;
 use sluice_core::kafka::KafkaSettings;
-use sluice_destinations::InvocationRecord;
+use sluice_destinations::{InvocationRecord, RedriveConfig, StreamFailureRecord};
 
 /// Where the Kafka cluster is (shared by the Kafka tools).
 #[derive(Debug, Clone, Args)]
@@ -309,11 +309,9 @@ pub async fn tail(cmd: DestinationsCommand) -> anyhow::Result<()> {
             }
             match serde_json::from_slice::<InvocationRecord>(payload) {
                 Ok(r) => print_record(&r, m.partition(), m.offset()),
-                Err(_) => match stream_records(payload) {
-                    Some((head, recs)) => {
-                        print_stream_failure(&head, &recs, m.partition(), m.offset())
-                    }
-                    None => println!(
+                Err(_) => match serde_json::from_slice::<StreamFailureRecord>(payload) {
+                    Ok(r) => print_stream_failure(&r, m.partition(), m.offset()),
+                    Err(_) => println!(
                         "[{}@{}] (not an invocation record) {}",
                         m.partition(),
                         m.offset(),
@@ -373,242 +371,68 @@ pub struct RedriveArgs {
     from_beginning: bool,
 }
 
-/// The commit metadata that names the run a redrive's progress belongs to.
-const RUN_METADATA_PREFIX: &str = "sluice-redrive-run=";
-
 pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     let topic = topic_of(&args.destination)?;
     let kafka = KafkaSettings::new(&args.kafka.brokers);
     let events = EventProducer::new(&kafka).context("create the producer")?;
-    let queue = format!("{}async", args.topic_prefix);
-    // Progress is the committed offsets of this group: an interrupted redrive resumes there.
-    let group = format!("{}redrive.{topic}", args.topic_prefix);
-    let brokers = args.kafka.brokers.clone();
-    let topic2 = topic.clone();
-    let group2 = group.clone();
-    let queue2 = queue.clone();
-    let from_beginning = args.from_beginning;
-    let (consumer, ends, starts, total, resumed_run) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let consumer: BaseConsumer = KafkaSettings::new(&brokers)
-            .client_config()
-            .set("group.id", &group2)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .context("create the consumer")?;
-        let md = consumer
-            .fetch_metadata(Some(&topic2), Duration::from_secs(10))
-            .context("read topic metadata")?;
-        let parts: Vec<i32> = md
-            .topics()
-            .first()
-            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-            .unwrap_or_default();
-        if parts.is_empty() {
-            bail!("topic {topic2} does not exist");
-        }
-        let mut tpl = TopicPartitionList::new();
-        for p in &parts {
-            tpl.add_partition(&topic2, *p);
-        }
-        let committed = consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .context("read redrive progress")?;
-        let mut assign = TopicPartitionList::new();
-        let mut ends = HashMap::new();
-        let mut starts = HashMap::new();
-        let mut total = 0i64;
-        let mut resumed_run = None;
-        for el in committed.elements() {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic2, el.partition(), Duration::from_secs(10))
-                .context("end offsets")?;
-            let start = match el.offset() {
-                Offset::Offset(o) if !from_beginning => o.max(low),
-                _ => low,
-            };
-            // An unfinished run is resumed under its own id, so that the one record it may
-            // re-submit twice (re-submitted, not yet committed) is deduplicated by the pollers.
-            if start < high {
-                if let Some(run) = el.metadata().strip_prefix(RUN_METADATA_PREFIX) {
-                    if !from_beginning && !run.is_empty() {
-                        resumed_run = Some(run.to_owned());
-                    }
-                }
-            }
-            total += (high - start).max(0);
-            ends.insert(el.partition(), high);
-            starts.insert(el.partition(), start);
-            assign
-                .add_partition_offset(&topic2, el.partition(), Offset::Offset(start))
-                .context("assign")?;
-        }
-        consumer.assign(&assign).context("assign")?;
-        let queue_md = consumer.fetch_metadata(Some(&queue2), Duration::from_secs(10)).context("read queue metadata")?;
-        if queue_md.topics().first().is_none_or(|t| t.partitions().is_empty()) {
-            bail!(
-                "the async queue {queue2} does not exist: is a Sluice node with the poller role running \
-                 on this cluster with the same --topic-prefix?"
-            );
-        }
-        Ok((consumer, ends, starts, total, resumed_run))
+    let cfg = RedriveConfig {
+        queue_topic: format!("{}async", args.topic_prefix),
+        // Progress is the committed offsets of this group: an interrupted redrive resumes there.
+        group: format!("{}redrive.{topic}", args.topic_prefix),
+        destination_topic: topic.clone(),
+        limit: args.limit,
+        from_beginning: args.from_beginning,
+    };
+    eprintln!(
+        "redriving {topic} to {} (progress kept in consumer group {})",
+        cfg.queue_topic, cfg.group
+    );
+    let report = sluice_destinations::redrive(&kafka, &events, &cfg, |p| {
+        eprint!("\r[{}] {}/{}", bar(p.done, p.total), p.done, p.total);
     })
-    .await
-    .context("redrive set-up")??;
-    // Request ids are unique per run: the pollers skip a request id they have run, so a second
-    // redrive of the same record under the same id would silently do nothing.
-    let run =
-        resumed_run.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
-    eprintln!("redriving {total} record(s) from {topic} to {queue} as run {run} (progress kept in consumer group {group})");
-    let (mut redriven, mut skipped, mut done) = (0i64, 0i64, 0i64);
-    let mut positions: HashMap<i32, i64> = starts;
-    let consumer = std::sync::Arc::new(consumer);
-    loop {
-        if ends
-            .iter()
-            .all(|(p, end)| positions.get(p).copied().unwrap_or(-1) >= *end)
-        {
-            break;
-        }
-        if args.limit.is_some_and(|l| done >= l) {
-            eprintln!();
-            eprintln!("stopping after {done} record(s) (--limit); run again to continue");
-            break;
-        }
-        let c = std::sync::Arc::clone(&consumer);
-        let polled = tokio::task::spawn_blocking(move || {
-            c.poll(Duration::from_millis(500)).map(|r| {
-                r.map(|m| {
-                    (
-                        m.partition(),
-                        m.offset(),
-                        m.payload().unwrap_or_default().to_vec(),
-                    )
-                })
-            })
-        })
-        .await
-        .context("poll")?;
-        let Some(polled) = polled else { continue };
-        let (partition, offset, payload) = polled.context("read")?;
-        match serde_json::from_slice::<InvocationRecord>(&payload) {
-            Ok(r) => {
-                let function = r.function_name().unwrap_or_default().to_owned();
-                let request_id = format!("redrive-{run}-{}", r.request_context.request_id);
-                let event = AsyncEvent::new(&function, &request_id, r.request_bytes());
-                events
-                    .send(&queue, &event)
-                    .await
-                    .with_context(|| format!("re-submit record {partition}@{offset}"))?;
-                redriven += 1;
-            }
-            Err(_) => match stream_records(&payload) {
-                // A stream mapping's failure record: the record goes back to its topic, where
-                // the mapping reads it again.
-                Some((_, recs)) if !recs.is_empty() => {
-                    for r in recs {
-                        let mut record = FutureRecord::to(&r.topic).payload(&r.value);
-                        if let Some(k) = &r.key {
-                            record = record.key(k);
-                        }
-                        events
-                            .producer()
-                            .send(record, Duration::from_secs(30))
-                            .await
-                            .map_err(|(e, _)| e)
-                            .with_context(|| {
-                                format!("re-produce record {partition}@{offset} to {}", r.topic)
-                            })?;
-                    }
-                    redriven += 1;
-                }
-                _ => skipped += 1,
-            },
-        }
-        // Commit after the event is in the queue: a crash repeats at most this one record.
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1))
-            .context("commit")?;
-        if let Some(mut el) = tpl.find_partition(&topic, partition) {
-            el.set_metadata(format!("{RUN_METADATA_PREFIX}{run}"));
-        }
-        consumer
-            .commit(&tpl, CommitMode::Sync)
-            .context("record redrive progress")?;
-        positions.insert(partition, offset + 1);
-        done += 1;
-        eprint!("\r[{}] {done}/{total}", bar(done, total));
-    }
+    .await?;
     eprintln!();
-    eprintln!("{redriven} re-submitted, {skipped} skipped (not invocation records), from {topic}");
-    let _ = Headers::count(&OwnedHeaders::new());
+    if report.stopped_at_limit {
+        eprintln!(
+            "stopped after {} record(s) (--limit); run again to continue",
+            args.limit.unwrap_or_default()
+        );
+    }
+    eprintln!(
+        "run {}{}: {} re-submitted, {} skipped (not failure records), of {} in {topic}",
+        report.run,
+        if report.resumed { " (resumed)" } else { "" },
+        report.redriven,
+        report.skipped,
+        report.total
+    );
     Ok(())
 }
 
-/// A record of a stream failure (Lambda's Kafka-topic failure record): its topic and bytes.
-struct StreamRecord {
-    topic: String,
-    partition: i64,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-}
-
-/// Reads a stream mapping's failure record: `(the record's JSON, the Kafka records it carries)`.
-fn stream_records(payload: &[u8]) -> Option<(serde_json::Value, Vec<StreamRecord>)> {
-    use base64::Engine;
-    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    v.get("KafkaBatchInfo")?;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let mut out = Vec::new();
-    for recs in v["payload"]["records"].as_object()?.values() {
-        for r in recs.as_array()? {
-            out.push(StreamRecord {
-                topic: r["topic"].as_str()?.to_owned(),
-                partition: r["partition"].as_i64().unwrap_or(0),
-                offset: r["offset"].as_i64().unwrap_or(0),
-                key: r["key"].as_str().and_then(|k| b64.decode(k).ok()),
-                value: r["value"]
-                    .as_str()
-                    .and_then(|x| b64.decode(x).ok())
-                    .unwrap_or_default(),
-            });
-        }
-    }
-    Some((v, out))
-}
-
-fn print_stream_failure(
-    head: &serde_json::Value,
-    recs: &[StreamRecord],
-    partition: i32,
-    offset: i64,
-) {
-    let c = &head["requestContext"];
-    for r in recs {
+fn print_stream_failure(r: &StreamFailureRecord, partition: i32, offset: i64) {
+    let c = &r.request_context;
+    for rec in r.records().unwrap_or_default() {
         println!(
             "{}  {}  function={}  attempts={}  record={}-{}@{}  [{partition}@{offset}]",
-            head["timestamp"].as_str().unwrap_or("?"),
-            c["condition"].as_str().unwrap_or("?"),
-            c["functionArn"]
-                .as_str()
-                .unwrap_or("")
-                .trim_end_matches(":$LATEST")
-                .rsplit(':')
-                .next()
-                .unwrap_or("?"),
-            c["approximateInvokeCount"],
-            r.topic,
-            r.partition,
-            r.offset,
+            r.timestamp,
+            c.condition,
+            r.function_name().unwrap_or("?"),
+            c.approximate_invoke_count,
+            rec.topic,
+            rec.partition,
+            rec.offset,
         );
-        if let Some(msg) = head["responsePayload"]["errorMessage"].as_str() {
+        if let Some(msg) = r
+            .response_payload
+            .as_ref()
+            .and_then(|p| p["errorMessage"].as_str())
+        {
             println!("  error: {msg}");
         }
-        if let Some(k) = &r.key {
+        if let Some(k) = &rec.key {
             println!("  key: {}", String::from_utf8_lossy(k));
         }
-        println!("  value: {}", String::from_utf8_lossy(&r.value));
+        println!("  value: {}", String::from_utf8_lossy(&rec.value));
     }
 }
 

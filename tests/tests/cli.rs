@@ -147,3 +147,70 @@ async fn redrive_resumes_where_it_stopped_without_loss_or_repeats() {
     payloads.sort_unstable();
     assert_eq!(payloads, (0..60).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn a_stream_failure_record_is_tailed_and_redriven_to_its_topic_byte_for_byte() {
+    use base64::Engine;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use sluice_destinations::stream_record::condition;
+    use sluice_destinations::StreamFailureRecord;
+
+    let source = unique_name("orders");
+    let failed = unique_name("failed");
+    let prefix = unique_name("rds").replace('-', "");
+    create_topic(&source, 1).await.expect("topic");
+    create_topic(&failed, 1).await.expect("topic");
+    create_topic(&format!("{prefix}.async"), 1)
+        .await
+        .expect("queue");
+    // A record whose value is not UTF-8 and whose key has spaces: both must come back exact.
+    let (key, value) = (b"order 7".to_vec(), vec![0xff, 0x00, b'{', 0x80]);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let event = json!({ "eventSource": "SelfManagedKafka", "bootstrapServers": bootstrap(),
+        "records": { format!("{source}-0"): [ { "topic": source, "partition": 0, "offset": 41,
+            "timestamp": 1_700_000_000_000_i64, "timestampType": "CREATE_TIME",
+            "key": b64.encode(&key), "value": b64.encode(&value), "headers": [] } ] } });
+    let record = StreamFailureRecord::new(
+        "fail-1",
+        "arn:aws:lambda:us-east-1:000000000000:function:consumer",
+        condition::RETRY_ATTEMPTS_EXHAUSTED,
+        4,
+        Some(br#"{"errorMessage":"poison"}"#),
+        &bootstrap(),
+        (41, 1_700_000_000_000, 64),
+        event,
+        "2026-01-01T00:00:00.000Z",
+    );
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("producer");
+    let text = serde_json::to_vec(&record).expect("encode");
+    producer
+        .send(
+            FutureRecord::to(&failed).key("order 7").payload(&text),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+
+    let dest = format!("kafka://{failed}");
+    let (ok, out, err) = sluice(&["destinations", "tail", &dest], None);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("RetryAttemptsExhausted") && out.contains("function=consumer"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("record={source}-0@41")), "{out}");
+    assert!(out.contains("error: poison"), "{out}");
+
+    let topic_prefix = format!("{prefix}.");
+    let (ok, _, err) = sluice(&["redrive", &dest, "--topic-prefix", &topic_prefix], None);
+    assert!(ok, "{err}");
+    assert!(err.contains("1 re-submitted"), "{err}");
+    let back = read_until(&source, Duration::from_secs(20), |r| !r.is_empty()).await;
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(back[0].0.as_bytes(), key.as_slice());
+    assert_eq!(back[0].1, value, "the value comes back byte for byte");
+}
