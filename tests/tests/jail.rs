@@ -91,7 +91,11 @@ async fn the_function_sees_lambdas_environment_inside_the_jail() {
     assert!(v["pid"].as_u64().expect("pid") < 10, "{v}");
     assert!(v["processes"].as_u64().expect("count") <= 3, "{v}");
     assert_eq!(v["hostname"], "sandbox");
-    assert_eq!(v["uid"], 0, "root inside, an unprivileged UID outside");
+    assert_eq!(
+        v["uid"],
+        sluice_agent::jail::FUNCTION_UID,
+        "an unprivileged uid inside (the agent is 0), its own unprivileged host uid outside"
+    );
     // Read-only root, bundle and /etc; a private writable /tmp.
     for path in ["write_task", "write_etc", "write_root"] {
         assert!(

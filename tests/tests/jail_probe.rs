@@ -155,3 +155,23 @@ async fn without_cgroups_processes_and_memory_are_still_bounded() {
     assert!(out.is_empty(), "attempts that got out: {out:#?}");
     find(&table, "map memory");
 }
+
+/// With the seccomp policy off, what does not depend on it still holds: the function's uid and
+/// empty capability sets, the agent's separate uid and undumpability, the nested-namespace limit,
+/// the generated `/etc`, and the process and `/tmp` bounds. Only the attempts that nothing but the
+/// filter refuses get through (x32 numbers, which this host's kernel rejects anyway, and
+/// `io_uring_setup`, which unprivileged users may make).
+#[tokio::test]
+async fn without_seccomp_the_other_walls_still_hold() {
+    let mut c = config();
+    c.seccomp = false;
+    let table = probe(c, event(None)).await;
+    print_table("Jail probe without seccomp", &table);
+    let out = escaped(&table, &["x32", "io_uring_setup"]);
+    assert!(out.is_empty(), "attempts that got out: {out:#?}");
+    assert!(
+        find(&table, "CapEff").got.contains("filters=0"),
+        "seccomp was off: {:?}",
+        find(&table, "CapEff")
+    );
+}

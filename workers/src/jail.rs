@@ -1,5 +1,6 @@
 //! The jailed-process backend: the agent jails itself (see `sluice_agent::jail`); the host
-//! creates the sandbox's cgroups, writes its user-namespace ID maps, and tears it all down.
+//! creates the sandbox's cgroups, writes its user-namespace ID maps (two host ids per sandbox: one
+//! for the agent, one for the function), and tears it all down.
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sluice_agent::jail::{JailSpec, Rlimits, SYNC_MAPPED, SYNC_UNSHARED};
+use sluice_agent::jail::{
+    JailSpec, Rlimits, FUNCTION_GID, FUNCTION_UID, SYNC_MAPPED, SYNC_UNSHARED,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -20,6 +23,10 @@ static NEXT_JAIL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 /// Lambda gives a function one vCPU per 1769 MiB.
 const MIB_PER_VCPU: u64 = 1769;
 
+/// Lambda's limit on a sandbox's processes and threads: the pids cgroup where there is one, and
+/// the function uid's `RLIMIT_NPROC` always.
+const MAX_PROCESSES: u64 = 1024;
+
 /// Settings of the jail backend.
 #[derive(Debug, Clone)]
 pub struct JailConfig {
@@ -27,13 +34,16 @@ pub struct JailConfig {
     pub agent: PathBuf,
     /// Where per-sandbox root mount points are made (empty directories).
     pub run_dir: PathBuf,
-    /// Host directories visible read-only in every sandbox.
+    /// Host directories visible read-only in every sandbox (never `/etc`: the sandbox gets a
+    /// generated one).
     pub ro_binds: Vec<PathBuf>,
-    /// First host UID/GID sandboxes are mapped to; the `n`th sandbox of this process gets
-    /// `uid_base + n % uid_count`.
+    /// First host UID/GID sandboxes are mapped to. Sandbox `id` gets the pair
+    /// `uid_base + 2 * (id % (uid_count / 2))` (its agent) and the id after it (its function).
     pub uid_base: u32,
-    /// How many host UIDs to rotate through.
+    /// How many host UIDs to rotate through (at least 2).
     pub uid_count: u32,
+    /// Name servers in each sandbox's `/etc/resolv.conf`.
+    pub nameservers: Vec<std::net::IpAddr>,
     /// Size of each sandbox's `/tmp`, MiB (Lambda's default ephemeral storage is 512).
     pub tmp_size_mb: u64,
     /// Install the seccomp filter.
@@ -52,18 +62,32 @@ impl JailConfig {
         Self {
             agent: find_agent(),
             run_dir: PathBuf::from("/run/sluice/jail"),
-            ro_binds: ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc"]
+            ro_binds: ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin"]
                 .iter()
                 .map(PathBuf::from)
                 .collect(),
             uid_base: 100_000,
             uid_count: 60_000,
+            nameservers: host_nameservers(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
             tmp_size_mb: 512,
             seccomp: true,
             cgroups: CgroupMode::detect(),
             min_cpu_millicores: 250,
         }
     }
+}
+
+/// The name servers of a `resolv.conf`, less loopback ones (a resolver listening on the host's
+/// loopback, such as systemd-resolved's stub, cannot be reached from a sandbox's own network).
+fn host_nameservers(resolv_conf: &str) -> Vec<std::net::IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
 }
 
 /// Finds `sluice-agent`: `$SLUICE_AGENT`, else beside the running executable (or its parent
@@ -94,8 +118,15 @@ impl JailBackend {
     /// A backend with `config`.
     ///
     /// # Errors
-    /// When the agent is missing or the run directory cannot be created.
+    /// When the agent is missing, the run directory cannot be created, or fewer than two host
+    /// UIDs are configured.
     pub fn new(config: JailConfig) -> Result<Self, BootError> {
+        if config.uid_count < 2 {
+            return Err(BootError::Setup(format!(
+                "uid_count must be at least 2 (a sandbox maps its agent and its function to two host UIDs), got {}",
+                config.uid_count
+            )));
+        }
         if !config.agent.is_file() {
             return Err(BootError::Setup(format!(
                 "the guest agent {} does not exist (build it with `cargo build -p sluice-agent`, or set SLUICE_AGENT)",
@@ -142,11 +173,26 @@ impl Isolation for Jail {
     }
 }
 
-fn write_id_maps(pid: u32, uid: u32) -> std::io::Result<()> {
+/// The host ids of sandbox `id`: its agent's, and its function's.
+fn host_ids(config: &JailConfig, id: u64) -> (u32, u32) {
+    let pair = u32::try_from(id % u64::from(config.uid_count / 2)).unwrap_or(0);
+    let agent = config.uid_base + 2 * pair;
+    (agent, agent + 1)
+}
+
+/// Maps the agent (0) and the function ([`FUNCTION_UID`]) to two host ids, for users and groups.
+/// Nothing else is mapped: host files appear as the overflow id.
+fn write_id_maps(pid: u32, (agent, function): (u32, u32)) -> std::io::Result<()> {
     let proc = Path::new("/proc").join(pid.to_string());
-    std::fs::write(proc.join("uid_map"), format!("0 {uid} 1\n"))?;
+    std::fs::write(
+        proc.join("uid_map"),
+        format!("0 {agent} 1\n{FUNCTION_UID} {function} 1\n"),
+    )?;
     std::fs::write(proc.join("setgroups"), "deny")?;
-    std::fs::write(proc.join("gid_map"), format!("0 {uid} 1\n"))
+    std::fs::write(
+        proc.join("gid_map"),
+        format!("0 {agent} 1\n{FUNCTION_GID} {function} 1\n"),
+    )
 }
 
 #[async_trait]
@@ -175,7 +221,7 @@ impl SandboxBackend for JailBackend {
                 memory_bytes,
                 cpu_millicores: (spec.memory_mb * 1000 / MIB_PER_VCPU)
                     .max(self.config.min_cpu_millicores),
-                pids: 1024,
+                pids: MAX_PROCESSES,
             },
         )
         .map_err(|e| setup("create the sandbox's cgroups", &e))?;
@@ -185,12 +231,14 @@ impl SandboxBackend for JailBackend {
             ro_binds: self.config.ro_binds.clone(),
             cgroup_procs: cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default(),
             tmp_size_mb: self.config.tmp_size_mb,
+            nameservers: self.config.nameservers.clone(),
             rlimits: Rlimits {
                 nofile: 1024,
                 // Without a memory cgroup the address-space limit is the only memory bound; it is
                 // looser (it counts mappings, not use), so give it headroom over the function's memory.
                 address_space_bytes: cgroup.is_none().then_some(memory_bytes * 4 + (1 << 30)),
                 file_size_bytes: self.config.tmp_size_mb * 1024 * 1024,
+                processes: MAX_PROCESSES,
             },
             seccomp: self.config.seccomp,
         };
@@ -235,9 +283,7 @@ impl SandboxBackend for JailBackend {
                 .child
                 .id()
                 .ok_or_else(|| std::io::Error::other("stage 1 exited"))?;
-            let uid = self.config.uid_base
-                + u32::try_from(id % u64::from(self.config.uid_count)).unwrap_or(0);
-            write_id_maps(pid, uid)?;
+            write_id_maps(pid, host_ids(&self.config, id))?;
             stream.write_all(&[SYNC_MAPPED]).await?;
             Ok::<_, std::io::Error>(stream)
         };
@@ -255,5 +301,34 @@ impl SandboxBackend for JailBackend {
                 Err(BootError::Setup("jail handshake timed out".into()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_sandbox_gets_two_host_ids_of_its_own() {
+        let mut config = JailConfig::detect();
+        config.uid_base = 100_000;
+        config.uid_count = 6;
+        assert_eq!(host_ids(&config, 0), (100_000, 100_001));
+        assert_eq!(host_ids(&config, 1), (100_002, 100_003));
+        assert_eq!(host_ids(&config, 2), (100_004, 100_005));
+        assert_eq!(host_ids(&config, 3), (100_000, 100_001), "rotates");
+    }
+
+    #[test]
+    fn loopback_name_servers_are_left_out() {
+        let conf = "# generated\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\n\
+                    nameserver 2001:db8::1\noptions edns0\n";
+        assert_eq!(
+            host_nameservers(conf),
+            vec![
+                "10.0.0.2".parse::<std::net::IpAddr>().expect("literal"),
+                "2001:db8::1".parse().expect("literal"),
+            ]
+        );
     }
 }

@@ -1,14 +1,22 @@
 //! The jailed-process sandbox, as the agent builds it around itself.
 //!
 //! The host starts `sluice-agent jail <spec>` with the protocol socket as its stdin. Stage 1
-//! joins the sandbox's cgroups, sets rlimits, unshares user, mount, PID, network, IPC and UTS
+//! joins the sandbox's cgroups, drops the host's supplementary groups, sets rlimits (open files,
+//! file size, processes, and address space where there is no memory cgroup), unshares user,
+//! mount, PID, network, IPC and UTS
 //! namespaces, and asks the host (one byte on the socket) to write its UID/GID maps, since only a
-//! process outside the new user namespace may map it to an unprivileged host id. Stage 1 then
-//! starts stage 2 (`sluice-agent init <spec>`), which is PID 1 of the new PID namespace: it builds
-//! a read-only root (host `/usr`, `/lib*`, `/bin`, `/sbin`, `/etc` read-only, the bundle read-only
-//! at `/var/task`, a private `/tmp`, a minimal `/dev`, a fresh `/proc`), pivots into it, brings up
-//! loopback (the only interface), sets `no_new_privs`, installs the seccomp filter, and becomes
-//! the agent.
+//! process outside the new user namespace may map it to unprivileged host ids. Two ids are
+//! mapped, each to its own host id: 0 for the agent and [`FUNCTION_UID`] for the function, so
+//! that the function cannot ptrace, signal or read the agent, which holds the host socket.
+//!
+//! Stage 1 then starts stage 2 (`sluice-agent init <spec>`), PID 1 of the new PID namespace: it
+//! builds a read-only root (host `/usr`, `/lib*`, `/bin`, `/sbin` read-only, a generated minimal
+//! `/etc`, the bundle read-only at `/var/task`, a size-capped `/tmp`, a minimal `/dev`, a fresh
+//! `/proc`), pivots into it, brings up loopback (the only interface), forbids nested namespaces,
+//! empties its capability bounding set and keeps only `CAP_SETUID`/`CAP_SETGID` (to start the
+//! function under its own id), makes itself undumpable, sets `no_new_privs`, installs the seccomp
+//! policy of [`seccomp`], and becomes the agent. The function it starts runs as [`FUNCTION_UID`]
+//! with no capabilities at all and inherits `no_new_privs`, the policy and the rlimits.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -25,6 +33,16 @@ pub const SYNC_UNSHARED: u8 = b'U';
 /// Byte the host sends when the maps are written.
 pub const SYNC_MAPPED: u8 = b'G';
 
+/// The function's uid inside the sandbox (the agent is 0); the host maps it to a host id of its
+/// own, never the agent's.
+pub const FUNCTION_UID: u32 = 1000;
+/// The function's gid inside the sandbox.
+pub const FUNCTION_GID: u32 = 1000;
+/// The function's user name in the generated `/etc/passwd`.
+pub const FUNCTION_USER: &str = "sbx_user";
+/// The sandbox's host name.
+pub const HOSTNAME: &str = "sandbox";
+
 /// Everything the agent needs to jail itself; passed as JSON on its command line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JailSpec {
@@ -39,6 +57,8 @@ pub struct JailSpec {
     pub cgroup_procs: Vec<PathBuf>,
     /// Size of the private `/tmp`, MiB.
     pub tmp_size_mb: u64,
+    /// Name servers written to the generated `/etc/resolv.conf`.
+    pub nameservers: Vec<std::net::IpAddr>,
     /// Resource limits (always set; the only memory limit where cgroups are unavailable).
     pub rlimits: Rlimits,
     /// Install the seccomp filter.
@@ -54,6 +74,9 @@ pub struct Rlimits {
     pub address_space_bytes: Option<u64>,
     /// Largest file the sandbox may write, bytes.
     pub file_size_bytes: u64,
+    /// Processes and threads of one uid in the sandbox (`RLIMIT_NPROC`; it binds the function,
+    /// which has no capability to ignore it, with or without a pids cgroup).
+    pub processes: u64,
 }
 
 /// A set-up step that failed; the agent exits with it before the function runs.
@@ -117,6 +140,9 @@ pub fn stage1<C: Read + Write>(spec: &JailSpec, channel: &mut C) -> Result<(), J
             std::fs::write(procs, &pid),
         )?;
     }
+    // Host root's supplementary groups would follow the process into the namespace (as the
+    // overflow gid, but with their host powers) and `setgroups` is denied there.
+    sys("drop supplementary groups", nix::unistd::setgroups(&[]))?;
     set_rlimits(&spec.rlimits)?;
     sys(
         "unshare user, mount, PID, network, IPC and UTS namespaces",
@@ -162,6 +188,10 @@ fn set_rlimits(r: &Rlimits) -> Result<(), JailError> {
         setrlimit(Resource::RLIMIT_FSIZE, r.file_size_bytes, r.file_size_bytes),
     )?;
     sys("set RLIMIT_CORE", setrlimit(Resource::RLIMIT_CORE, 0, 0))?;
+    sys(
+        "set RLIMIT_NPROC",
+        setrlimit(Resource::RLIMIT_NPROC, r.processes, r.processes),
+    )?;
     if let Some(bytes) = r.address_space_bytes {
         sys(
             "set RLIMIT_AS",
@@ -203,6 +233,7 @@ pub fn stage2(spec: &JailSpec) -> Result<(), JailError> {
         }
     }
     bind_ro(&spec.task_dir, &root.join("var/task"))?;
+    write_etc(&root.join("etc"), &spec.nameservers)?;
     let tmp = root.join("tmp");
     io("create /tmp", std::fs::create_dir_all(&tmp))?;
     sys(
@@ -253,13 +284,123 @@ pub fn stage2(spec: &JailSpec) -> Result<(), JailError> {
             none,
         ),
     )?;
-    sys("set the host name", sethostname("sandbox"))?;
+    sys("set the host name", sethostname(HOSTNAME))?;
     loopback_up()?;
+    forbid_nested_namespaces()?;
+    drop_capabilities()?;
+    // Undumpable: /proc/1/{mem,fd,environ,…} belong to root, and only a holder of
+    // CAP_SYS_PTRACE over the sandbox (none is left) may ptrace the agent or take its fds,
+    // even at the same uid. The function's exec makes it dumpable again, for itself.
+    sys(
+        "make the agent undumpable",
+        nix::sys::prctl::set_dumpable(false),
+    )?;
     sys("set no_new_privs", nix::sys::prctl::set_no_new_privs())?;
     if spec.seccomp {
-        crate::jail::seccomp::install()?;
+        seccomp::install()?;
     }
     Ok(())
+}
+
+/// Writes the sandbox's `/etc`: users, groups, hosts, resolver and NSS configuration, and
+/// nothing of the host's.
+fn write_etc(etc: &Path, nameservers: &[std::net::IpAddr]) -> Result<(), JailError> {
+    use std::os::unix::fs::PermissionsExt;
+    io("create /etc", std::fs::create_dir_all(etc))?;
+    let resolv: String = if nameservers.is_empty() {
+        "# no name servers configured\n".to_owned()
+    } else {
+        nameservers
+            .iter()
+            .map(|ns| format!("nameserver {ns}\n"))
+            .collect()
+    };
+    let files = [
+        (
+            "passwd",
+            format!(
+                "root:x:0:0:root:/root:/usr/sbin/nologin\n\
+                 {FUNCTION_USER}:x:{FUNCTION_UID}:{FUNCTION_GID}:Lambda function:/tmp:/usr/sbin/nologin\n\
+                 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+            ),
+        ),
+        (
+            "group",
+            format!("root:x:0:\n{FUNCTION_USER}:x:{FUNCTION_GID}:\nnogroup:x:65534:\n"),
+        ),
+        (
+            "hosts",
+            format!("127.0.0.1\tlocalhost {HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+        ),
+        ("resolv.conf", resolv),
+        (
+            "nsswitch.conf",
+            "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\n\
+             protocols: files\nservices: files\n"
+                .to_owned(),
+        ),
+    ];
+    for (name, text) in files {
+        let path = etc.join(name);
+        io(format!("write /etc/{name}"), std::fs::write(&path, text))?;
+        io(
+            format!("chmod /etc/{name}"),
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)),
+        )?;
+    }
+    Ok(())
+}
+
+/// No further namespaces of any kind under the sandbox's user namespace. Without capabilities a
+/// function can still create a user namespace (and, inside it, every other kind) with `unshare`
+/// or `clone`; the seccomp policy refuses those calls, and this holds where the policy is off.
+fn forbid_nested_namespaces() -> Result<(), JailError> {
+    for kind in ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time"] {
+        let path = format!("/proc/sys/user/max_{kind}_namespaces");
+        match std::fs::write(&path, "0") {
+            // Older kernels lack some of these (time namespaces came in 5.6).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => io(format!("write 0 to {path}"), r)?,
+        }
+    }
+    Ok(())
+}
+
+/// Empties the bounding and ambient sets (nothing the agent starts can gain a capability, even
+/// by exec) and keeps, of the agent's own capabilities, only what it needs to start the function
+/// as [`FUNCTION_UID`]; that `setuid` then clears the function's permitted and effective sets.
+fn drop_capabilities() -> Result<(), JailError> {
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    let caps = |step: &str, r: rustix::io::Result<()>| {
+        r.map_err(|e| JailError::Sys {
+            step: step.to_owned(),
+            source: nix::Error::from_raw(e.raw_os_error()),
+        })
+    };
+    for bit in 0..64 {
+        let cap = CapabilitySet::from_bits_retain(1 << bit);
+        match rustix::thread::remove_capability_from_bounding_set(cap) {
+            // Past the kernel's last capability.
+            Err(rustix::io::Errno::INVAL) => break,
+            r => caps(&format!("drop capability {bit} from the bounding set"), r)?,
+        }
+    }
+    caps(
+        "clear the ambient capabilities",
+        rustix::thread::clear_ambient_capability_set(),
+    )?;
+    let keep = CapabilitySet::SETUID | CapabilitySet::SETGID;
+    caps(
+        "keep only CAP_SETUID and CAP_SETGID",
+        rustix::thread::set_capabilities(
+            None,
+            CapabilitySets {
+                effective: keep,
+                permitted: keep,
+                inheritable: CapabilitySet::empty(),
+            },
+        ),
+    )
 }
 
 /// `dir` under the new root.
@@ -411,142 +552,4 @@ fn loopback_up() -> Result<(), JailError> {
     Err(JailError::Handshake("short netlink answer".into()))
 }
 
-pub mod seccomp {
-    //! The sandbox's seccomp filter: everything is allowed except system calls a function has no
-    //! business making (they could escape or weaken the jail, or reach the host kernel's rarely
-    //! used surfaces). A forbidden call kills the whole sandbox process with SIGSYS, which the
-    //! host reports as the runtime exiting on a signal.
-
-    use std::collections::BTreeMap;
-
-    use seccompiler::{apply_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
-
-    use super::JailError;
-
-    /// System calls that kill the calling process.
-    pub const FORBIDDEN: &[(&str, i64)] = &[
-        ("mount", libc_nr::MOUNT),
-        ("umount2", libc_nr::UMOUNT2),
-        ("pivot_root", libc_nr::PIVOT_ROOT),
-        ("chroot", libc_nr::CHROOT),
-        ("unshare", libc_nr::UNSHARE),
-        ("setns", libc_nr::SETNS),
-        ("ptrace", libc_nr::PTRACE),
-        ("process_vm_readv", libc_nr::PROCESS_VM_READV),
-        ("process_vm_writev", libc_nr::PROCESS_VM_WRITEV),
-        ("kexec_load", libc_nr::KEXEC_LOAD),
-        ("kexec_file_load", libc_nr::KEXEC_FILE_LOAD),
-        ("init_module", libc_nr::INIT_MODULE),
-        ("finit_module", libc_nr::FINIT_MODULE),
-        ("delete_module", libc_nr::DELETE_MODULE),
-        ("bpf", libc_nr::BPF),
-        ("perf_event_open", libc_nr::PERF_EVENT_OPEN),
-        ("keyctl", libc_nr::KEYCTL),
-        ("add_key", libc_nr::ADD_KEY),
-        ("request_key", libc_nr::REQUEST_KEY),
-        ("swapon", libc_nr::SWAPON),
-        ("swapoff", libc_nr::SWAPOFF),
-        ("reboot", libc_nr::REBOOT),
-        ("syslog", libc_nr::SYSLOG),
-        ("acct", libc_nr::ACCT),
-        ("settimeofday", libc_nr::SETTIMEOFDAY),
-        ("clock_settime", libc_nr::CLOCK_SETTIME),
-        ("clock_adjtime", libc_nr::CLOCK_ADJTIME),
-        ("adjtimex", libc_nr::ADJTIMEX),
-        ("open_by_handle_at", libc_nr::OPEN_BY_HANDLE_AT),
-        ("userfaultfd", libc_nr::USERFAULTFD),
-        ("iopl", libc_nr::IOPL),
-        ("ioperm", libc_nr::IOPERM),
-        ("quotactl", libc_nr::QUOTACTL),
-        ("fsopen", libc_nr::FSOPEN),
-        ("fsmount", libc_nr::FSMOUNT),
-        ("move_mount", libc_nr::MOVE_MOUNT),
-        ("open_tree", libc_nr::OPEN_TREE),
-    ];
-
-    /// x86_64 system call numbers (from the kernel's `syscall_64.tbl`).
-    #[allow(missing_docs)]
-    mod libc_nr {
-        pub const MOUNT: i64 = 165;
-        pub const UMOUNT2: i64 = 166;
-        pub const PIVOT_ROOT: i64 = 155;
-        pub const CHROOT: i64 = 161;
-        pub const UNSHARE: i64 = 272;
-        pub const SETNS: i64 = 308;
-        pub const PTRACE: i64 = 101;
-        pub const PROCESS_VM_READV: i64 = 310;
-        pub const PROCESS_VM_WRITEV: i64 = 311;
-        pub const KEXEC_LOAD: i64 = 246;
-        pub const KEXEC_FILE_LOAD: i64 = 320;
-        pub const INIT_MODULE: i64 = 175;
-        pub const FINIT_MODULE: i64 = 313;
-        pub const DELETE_MODULE: i64 = 176;
-        pub const BPF: i64 = 321;
-        pub const PERF_EVENT_OPEN: i64 = 298;
-        pub const KEYCTL: i64 = 250;
-        pub const ADD_KEY: i64 = 248;
-        pub const REQUEST_KEY: i64 = 249;
-        pub const SWAPON: i64 = 167;
-        pub const SWAPOFF: i64 = 168;
-        pub const REBOOT: i64 = 169;
-        pub const SYSLOG: i64 = 103;
-        pub const ACCT: i64 = 163;
-        pub const SETTIMEOFDAY: i64 = 164;
-        pub const CLOCK_SETTIME: i64 = 227;
-        pub const CLOCK_ADJTIME: i64 = 305;
-        pub const ADJTIMEX: i64 = 159;
-        pub const OPEN_BY_HANDLE_AT: i64 = 304;
-        pub const USERFAULTFD: i64 = 323;
-        pub const IOPL: i64 = 172;
-        pub const IOPERM: i64 = 173;
-        pub const QUOTACTL: i64 = 179;
-        pub const FSOPEN: i64 = 430;
-        pub const FSMOUNT: i64 = 432;
-        pub const MOVE_MOUNT: i64 = 429;
-        pub const OPEN_TREE: i64 = 428;
-    }
-
-    /// Builds the filter.
-    ///
-    /// # Errors
-    /// When the filter cannot be compiled (unsupported architecture).
-    pub fn program() -> Result<BpfProgram, JailError> {
-        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-            FORBIDDEN.iter().map(|(_, nr)| (*nr, Vec::new())).collect();
-        let arch = TargetArch::try_from(std::env::consts::ARCH)
-            .map_err(|e| JailError::Seccomp(e.to_string()))?;
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::Allow,
-            SeccompAction::KillProcess,
-            arch,
-        )
-        .map_err(|e| JailError::Seccomp(e.to_string()))?;
-        filter
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| JailError::Seccomp(e.to_string()))
-    }
-
-    /// Installs the filter on this process (inherited by everything it starts).
-    ///
-    /// # Errors
-    /// When the filter cannot be built or the kernel refuses it.
-    pub fn install() -> Result<(), JailError> {
-        if !cfg!(target_arch = "x86_64") {
-            return Err(JailError::Seccomp(
-                "the filter's system call numbers are for x86_64 only".into(),
-            ));
-        }
-        let prog = program()?;
-        apply_filter(&prog).map_err(|e| JailError::Seccomp(e.to_string()))
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn the_filter_compiles_for_this_host() {
-            let prog = super::program().expect("filter");
-            assert!(prog.len() > super::FORBIDDEN.len());
-        }
-    }
-}
+pub mod seccomp;

@@ -8,8 +8,10 @@
 //! Modules:
 //! - [`protocol`]: the host–agent frames (shared with the host side in `sluice-workers`).
 //! - [`jail`]: the jail's description ([`jail::JailSpec`]) and the set-up the agent performs on
-//!   itself: stage 1 (namespaces, cgroups, rlimits) and stage 2 (mounts, `pivot_root`, loopback,
-//!   `no_new_privs`, seccomp) before it becomes the agent.
+//!   itself: stage 1 (namespaces, cgroups, rlimits, id maps) and stage 2 (mounts, a generated
+//!   `/etc`, `pivot_root`, loopback, capabilities, `no_new_privs`, the seccomp policy of
+//!   [`jail::seccomp`]) before it becomes the agent, which runs the function as an unprivileged
+//!   uid with no capabilities.
 //! - [`runtime`]: the agent proper: the Runtime API server, `bootstrap`'s life, log relaying.
 //!
 //! Threading: set-up is plain synchronous code; the agent then runs a current-thread tokio

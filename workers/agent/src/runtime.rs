@@ -31,6 +31,10 @@ pub struct AgentConfig {
     pub task_root: PathBuf,
     /// Where the Runtime API listens.
     pub runtime_api: SocketAddr,
+    /// The uid and gid `bootstrap` runs as (`None`: the agent's own). Switching from uid 0 to
+    /// another clears the function's capabilities; the agent must hold `CAP_SETUID` and
+    /// `CAP_SETGID`.
+    pub function_ids: Option<(u32, u32)>,
 }
 
 impl Default for AgentConfig {
@@ -38,6 +42,7 @@ impl Default for AgentConfig {
         Self {
             task_root: PathBuf::from("/var/task"),
             runtime_api: RUNTIME_API_ADDR.parse().expect("constant address parses"),
+            function_ids: None,
         }
     }
 }
@@ -240,15 +245,19 @@ fn spawn_bootstrap(start: &Start, config: &AgentConfig, shared: &Arc<Shared>) ->
     let slot = Arc::new(slot);
     let bootstrap = config.task_root.join("bootstrap");
     let spawned = Pipes::new().and_then(|(stdout, stderr, pipes)| {
-        Command::new(&bootstrap)
+        let mut command = Command::new(&bootstrap);
+        command
             .env_clear()
             .envs(lambda_env(start, config))
             .current_dir(&config.task_root)
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .map(|child| (child, pipes))
+            .stderr(stderr);
+        if let Some((uid, gid)) = config.function_ids {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid);
+        }
+        command.spawn().map(|child| (child, pipes))
     });
     let (mut child, pipes) = match spawned {
         Ok(c) => c,

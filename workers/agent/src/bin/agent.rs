@@ -3,7 +3,8 @@
 //! - `sluice-agent jail '<JailSpec JSON>'`: stage 1 of the jailed-process sandbox (started by the
 //!   host with the protocol socket as stdin).
 //! - `sluice-agent init '<JailSpec JSON>'`: stage 2, PID 1 of the new namespaces; builds the root,
-//!   locks itself down and becomes the agent.
+//!   locks itself down and becomes the agent, which starts the function as the jail's
+//!   unprivileged function uid.
 //! - `sluice-agent serve --task-root DIR`: the agent alone on stdin (micro-VM `/init`, tests).
 #![forbid(unsafe_code)]
 
@@ -19,7 +20,10 @@ fn main() -> ExitCode {
         Some("jail") => spec(&args).and_then(|s| stage1(&s)),
         Some("init") => spec(&args).and_then(|s| {
             jail::stage2(&s).map_err(|e| e.to_string())?;
-            serve(AgentConfig::default())
+            serve(AgentConfig {
+                function_ids: Some((jail::FUNCTION_UID, jail::FUNCTION_GID)),
+                ..AgentConfig::default()
+            })
         }),
         Some("serve") => {
             let mut config = AgentConfig::default();
