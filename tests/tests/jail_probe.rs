@@ -175,3 +175,15 @@ async fn without_seccomp_the_other_walls_still_hold() {
         find(&table, "CapEff")
     );
 }
+
+/// The probe can tell a `/tmp` past its cap: told the cap is a quarter of what the jail gives, it
+/// reports the fill as an escape (every other attempt has been seen to escape on the jail before
+/// this change, or cannot escape on this host; see the attempt texts).
+#[tokio::test]
+async fn the_probe_notices_a_tmp_larger_than_promised() {
+    let mut e = event(None);
+    e["tmp_cap_mb"] = (TMP_CAP_MB / 4).into();
+    let table = probe(config(), e).await;
+    let fill = find(&table, "fill /tmp");
+    assert!(fill.escaped, "{fill:?}");
+}
