@@ -5,12 +5,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use clap::{Args, Parser};
 use tracing::info;
 
 use crate::node::{self, NodeArgs, Role};
+
+/// `sluice node`'s settings with their defaults.
+#[derive(Parser)]
+struct NodeDefaults {
+    #[command(flatten)]
+    node: NodeArgs,
+}
 use crate::services::{self, Service};
 
 /// Options of `sluice dev`.
@@ -67,41 +72,25 @@ async fn run_inner(args: &DevArgs, started: &mut Vec<Service>) -> anyhow::Result
         info!(addr = %args.kafka, "starting tansu (Kafka-compatible broker, sqlite storage)");
         started.push(services::start_tansu(&args.data_dir, port_of(&args.kafka)?).await?);
     }
-    let node_args = NodeArgs {
-        kafka: args.kafka.clone(),
-        redis: format!("redis://{}", args.redis),
-        api: args.api,
-        roles: vec![Role::Frontend, Role::Poller, Role::Worker],
-        node_id: Some("dev".into()),
-        topic_prefix: "sluice.".into(),
-        redis_prefix: "sluice:".into(),
-        account_concurrency: 1000,
-        region: "us-east-1".into(),
-        sandbox: crate::worker::SandboxKind::Auto,
-        memory_budget_mb: args.memory_budget_mb,
-        async_retry_delays: args.async_retry_delays.clone(),
-        throttle_backoff_min: Duration::from_secs(1),
-        throttle_backoff_max: Duration::from_secs(300),
-        lease_ttl: Duration::from_secs(10),
-        access_keys: Vec::new(),
-        worker_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        worker_advertise: None,
-        worker_ttl: Duration::from_secs(5),
-        worker_token: None,
-        sandbox_idle_timeout: Duration::from_secs(300),
-        init_timeout: Duration::from_secs(10),
-        code_cache_dir: "/var/cache/sluice/code".into(),
-        code_cache_max_mb: 10_240,
-        kafka_properties: Vec::new(),
-    };
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    node::start(&node_args, &cancel, &tracker).await?;
+    // Every other setting keeps `sluice node`'s default (and its SLUICE_* variable).
+    let mut node_args = NodeDefaults::try_parse_from(["node"])
+        .context("the node's default settings")?
+        .node;
+    node_args.kafka.clone_from(&args.kafka);
+    node_args.redis = format!("redis://{}", args.redis);
+    node_args.api = args.api;
+    node_args.roles = vec![Role::Frontend, Role::Poller, Role::Worker];
+    node_args.node_id = Some("dev".into());
+    node_args.memory_budget_mb = args.memory_budget_mb;
+    node_args
+        .async_retry_delays
+        .clone_from(&args.async_retry_delays);
+    crate::config::validate(&node_args)?;
+    let stages = node::Stages::default();
+    node::start(&node_args, &stages).await?;
     info!(api = %args.api, "sluice dev is up; Ctrl-C stops it");
     node::wait_for_signal().await;
     info!("shutting down");
-    cancel.cancel();
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+    stages.shut_down().await;
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! for a signal, map errors to exit codes (0 success, 1 failure, 2 bad usage).
 #![forbid(unsafe_code)]
 
+mod config;
 mod dev;
 mod functions;
 mod invoke_cli;
@@ -65,6 +66,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A node's config file becomes defaults for its flags: read it while the process has one
+    // thread, before the command line is parsed.
+    let args: Vec<String> = std::env::args().collect();
+    if let Err(e) = config::apply_file(&args) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

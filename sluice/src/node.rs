@@ -138,7 +138,9 @@ pub struct NodeArgs {
     /// `Sandbox.Timedout`, counted as a function error.
     #[arg(long, env = "SLUICE_INIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub init_timeout: Duration,
-    /// Where the worker role unpacks code kept in Kafka (`Code.ZipFile`).
+    /// Where the worker role unpacks code kept in Kafka (`Code.ZipFile`). One node per
+    /// directory: a node holds a lock on it while it runs, and a second node refuses to start
+    /// on it.
     #[arg(
         long,
         env = "SLUICE_CODE_CACHE_DIR",
@@ -149,6 +151,15 @@ pub struct NodeArgs {
     /// never one a live sandbox runs from or an invocation in progress has fetched.
     #[arg(long, env = "SLUICE_CODE_CACHE_MAX_MB", default_value_t = 10_240)]
     pub code_cache_max_mb: u64,
+    /// Where the node keeps what lives only while it runs (the jails' directories), default
+    /// `/run/sluice/<node id>`: each node on a host needs its own.
+    #[arg(long, env = "SLUICE_RUN_DIR", value_name = "DIR")]
+    pub run_dir: Option<std::path::PathBuf>,
+    /// A TOML file of settings, one key per flag without its dashes (`lease-ttl = "10s"`,
+    /// `roles = ["poller", "worker"]`). Flags and `SLUICE_*` variables override it; an unknown
+    /// key is an error.
+    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// An extra librdkafka property for every Kafka client, `KEY=VALUE` (repeatable), e.g.
     /// `message.max.bytes=1048588` for a cluster whose brokers allow less than Sluice's 8 MiB.
     #[arg(long = "kafka-property", env = "SLUICE_KAFKA_PROPERTIES", value_delimiter = ',', value_name = "KEY=VALUE", value_parser = parse_property)]
@@ -181,6 +192,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl NodeArgs {
+    /// The run directory: `--run-dir`, or `/run/sluice/<node id>`.
+    #[must_use]
+    pub fn run_dir(&self, node_id: &str) -> std::path::PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| std::path::Path::new("/run/sluice").join(node_id))
+    }
+
     fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -193,20 +212,75 @@ impl NodeArgs {
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     init_tracing();
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    start(&args, &cancel, &tracker).await?;
+    crate::config::validate(&args)?;
+    let stages = Stages::default();
+    start(&args, &stages).await?;
     wait_for_signal().await;
     info!("shutting down");
-    cancel.cancel();
-    tracker.close();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some tasks did not stop within 10 s");
-    }
+    stages.shut_down().await;
     Ok(())
+}
+
+/// How long the intake stage may take to stop: the API finishes the requests it has, and the
+/// pollers drain (5 s), commit (2 s) and release their leases (1 s).
+pub const INTAKE_DEADLINE: Duration = Duration::from_secs(9);
+/// How long the worker stage may take after intake: deregister from the fleet, stop the worker
+/// API, destroy the sandboxes.
+pub const WORKER_DEADLINE: Duration = Duration::from_secs(4);
+/// How long the last stage may take: the configuration store's tail.
+pub const STORE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// A node's tasks in shutdown order, each stage with its own token and tracker: intake (the
+/// API and the pollers, which drain, commit and release leases themselves), then the worker role
+/// (which keeps running until the pollers' in-flight invocations are done), then the
+/// configuration store. Each stage's deadline ends before the next one's: the node is gone
+/// within their sum (14 s), whatever a stage does.
+#[derive(Default)]
+pub struct Stages {
+    /// The API and the pollers.
+    pub intake: Stage,
+    /// The pool, the worker API, the heartbeat, the idle index and the fleet view.
+    pub workers: Stage,
+    /// The configuration store.
+    pub store: Stage,
+}
+
+/// One shutdown stage.
+#[derive(Default)]
+pub struct Stage {
+    /// Fires when the stage is to stop.
+    pub cancel: CancellationToken,
+    /// Its tasks.
+    pub tasks: TaskTracker,
+}
+
+impl Stage {
+    async fn stop(&self, name: &str, deadline: Duration) {
+        let started = std::time::Instant::now();
+        self.cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                stage = name,
+                ?deadline,
+                "shutdown stage did not finish within its deadline; going on"
+            );
+        } else {
+            info!(stage = name, took = ?started.elapsed(), "shutdown stage done");
+        }
+    }
+}
+
+impl Stages {
+    /// Stops the stages in order, each within its deadline.
+    pub async fn shut_down(&self) {
+        self.intake.stop("intake", INTAKE_DEADLINE).await;
+        self.workers.stop("workers", WORKER_DEADLINE).await;
+        self.store.stop("store", STORE_DEADLINE).await;
+    }
 }
 
 pub fn init_tracing() {
@@ -239,12 +313,8 @@ pub async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Starts the node's stages; they stop when `cancel` fires.
-pub async fn start(
-    args: &NodeArgs,
-    cancel: &CancellationToken,
-    tracker: &TaskTracker,
-) -> anyhow::Result<()> {
+/// Starts the node's roles, each task in its shutdown stage (see [`Stages`]).
+pub async fn start(args: &NodeArgs, stages: &Stages) -> anyhow::Result<()> {
     let node_id = args.node_id();
     let metrics = PrometheusBuilder::new()
         .install_recorder()
@@ -272,9 +342,14 @@ pub async fn start(
     let mut store_cfg = ConfigStoreConfig::new(&node_id);
     store_cfg.topic = format!("{}config", args.topic_prefix);
     store_cfg.redis_prefix.clone_from(&args.redis_prefix);
-    let store = ConfigStore::open(&kafka, store_cfg, Some(redis.clone()), cancel.child_token())
-        .await
-        .with_context(|| format!("open the configuration store on Kafka at {}", args.kafka))?;
+    let store = ConfigStore::open(
+        &kafka,
+        store_cfg,
+        Some(redis.clone()),
+        stages.store.cancel.child_token(),
+    )
+    .await
+    .with_context(|| format!("open the configuration store on Kafka at {}", args.kafka))?;
     info!(node = %node_id, functions = store.functions().len(), "configuration loaded");
 
     let account = AccountSettings {
@@ -324,7 +399,7 @@ pub async fn start(
                 pool_config,
                 (&store, &kafka, &identity),
                 (&registry, &index),
-                (cancel, tracker),
+                &stages.workers,
             )
             .await?,
         )
@@ -351,11 +426,13 @@ pub async fn start(
     if let Err(e) = cluster.refresh_fleet().await {
         tracing::warn!(error = %e, "could not read the worker registry yet");
     }
-    tracker.spawn(
-        cluster
-            .clone()
-            .run_fleet_refresh(Duration::from_millis(500), cancel.child_token()),
-    );
+    stages
+        .workers
+        .tasks
+        .spawn(cluster.clone().run_fleet_refresh(
+            Duration::from_millis(500),
+            stages.workers.cancel.child_token(),
+        ));
     let invoker: Arc<dyn Invoker> = Arc::new(cluster);
 
     if args.roles.contains(&Role::Poller) {
@@ -387,9 +464,12 @@ pub async fn start(
             DestinationWriter::new(kafka.clone(), events.producer().clone(), 1),
             redis.clone(),
         );
-        tracker.spawn(streams.run(cancel.child_token()));
-        let cancel = cancel.child_token();
-        tracker.spawn(async move {
+        stages
+            .intake
+            .tasks
+            .spawn(streams.run(stages.intake.cancel.child_token()));
+        let cancel = stages.intake.cancel.child_token();
+        stages.intake.tasks.spawn(async move {
             if let Err(e) = poller.run(cancel).await {
                 tracing::error!(error = %e, "async poller stopped");
             }
@@ -423,8 +503,8 @@ pub async fn start(
             )
         })?;
     info!(addr = %args.api, lambda_api = args.roles.contains(&Role::Frontend), "API listening");
-    let cancel = cancel.clone();
-    tracker.spawn(async move {
+    let cancel = stages.intake.cancel.clone();
+    stages.intake.tasks.spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "API server stopped");
@@ -441,9 +521,20 @@ async fn start_worker(
     pool_config: PoolConfig,
     (store, kafka, identity): (&ConfigStore, &KafkaSettings, &AccountIdentity),
     (registry, index): (&WorkerRegistry, &IdleIndex),
-    (cancel, tracker): (&CancellationToken, &TaskTracker),
+    stage: &Stage,
 ) -> anyhow::Result<WorkerService> {
-    let backend = worker::backend(args.sandbox)?;
+    let (cancel, tracker) = (&stage.cancel, &stage.tasks);
+    let cache_lock = lock_dir(
+        &args.code_cache_dir,
+        "--code-cache-dir (SLUICE_CODE_CACHE_DIR)",
+    )?;
+    // Held until the worker stage stops: no other node on this host evicts from this cache.
+    let held = cancel.clone();
+    tracker.spawn(async move {
+        held.cancelled().await;
+        drop(cache_lock);
+    });
+    let backend = worker::backend(args.sandbox, &args.run_dir(node_id))?;
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(4096);
     let pool = Pool::new(backend, pool_config, None).with_events(events_tx);
     tracker.spawn(pool.clone().run_reaper(cancel.child_token()));
@@ -502,6 +593,28 @@ async fn start_worker(
     ));
     tracker.spawn(node.run_provisioned(Duration::from_secs(1), cancel.child_token()));
     Ok(service)
+}
+
+/// Creates `dir` and takes an exclusive lock on `<dir>/.lock` for this process, so that two
+/// nodes never share it; `setting` names the flag in the error.
+fn lock_dir(
+    dir: &std::path::Path,
+    setting: &str,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {setting} {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "{setting} {} is in use by another node on this host ({e}); give each node its own",
+            dir.display()
+        )
+    })
 }
 
 fn ops_router(metrics: PrometheusHandle, store: ConfigStore) -> Router {

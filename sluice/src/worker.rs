@@ -33,8 +33,12 @@ fn guest_kernel() -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Picks and builds the sandbox backend, logging and exporting why.
-pub fn backend(kind: SandboxKind) -> anyhow::Result<Arc<dyn SandboxBackend>> {
+/// Picks and builds the sandbox backend, logging and exporting why; the jail keeps its
+/// sandboxes' directories under `run_dir` (the node's own).
+pub fn backend(
+    kind: SandboxKind,
+    run_dir: &std::path::Path,
+) -> anyhow::Result<Arc<dyn SandboxBackend>> {
     let support = kvm::detect();
     let usable = support.can_run_guest_userspace();
     metrics::gauge!("sluice_kvm_usable").set(if usable { 1.0 } else { 0.0 });
@@ -70,7 +74,8 @@ pub fn backend(kind: SandboxKind) -> anyhow::Result<Arc<dyn SandboxBackend>> {
     } else if kind == SandboxKind::Auto {
         tracing::info!(reason = %support.reason, "micro-VMs unavailable; functions run in jailed processes");
     }
-    let config = JailConfig::detect();
+    let mut config = JailConfig::detect();
+    config.run_dir = run_dir.join("jail");
     tracing::info!(cgroups = config.cgroups.name(), agent = %config.agent.display(), "sandbox backend: jail");
     metrics::gauge!("sluice_sandbox_backend_info", "backend" => "jail", "cgroups" => config.cgroups.name()).set(1.0);
     let backend = JailBackend::new(config).context("set up the jail backend")?;

@@ -7,12 +7,15 @@ use std::time::{Duration, Instant};
 use crate::free_port;
 use crate::functions::bin_dir;
 
-/// A running node; SIGKILLed on drop.
+/// A running node; SIGKILLed on drop (and its own directory removed).
 pub struct Node {
     child: Child,
     /// Its API, `http://127.0.0.1:<port>`.
     pub endpoint: String,
     args: Vec<String>,
+    /// Its code cache and run directory (unless the test gave its own), so nodes never share
+    /// them.
+    dir: std::path::PathBuf,
 }
 
 /// Flags that make a node's retries and lease hand-overs fast enough for tests: async retries
@@ -52,11 +55,25 @@ impl Node {
         if !extra.contains(&"--node-id") {
             args.extend(["--node-id".to_owned(), format!("{prefix}-node")]);
         }
+        let dir = std::env::temp_dir().join(format!("sluice-node-{}", uuid::Uuid::new_v4()));
+        if !extra.contains(&"--code-cache-dir") {
+            args.extend([
+                "--code-cache-dir".to_owned(),
+                dir.join("code").display().to_string(),
+            ]);
+        }
+        if !extra.contains(&"--run-dir") {
+            args.extend([
+                "--run-dir".to_owned(),
+                dir.join("run").display().to_string(),
+            ]);
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let mut node = Self {
             child: spawn(&args),
             endpoint: format!("http://127.0.0.1:{port}"),
             args,
+            dir,
         };
         node.wait_ready();
         node
@@ -81,6 +98,22 @@ impl Node {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM (a clean stop) and waits up to `within` for the node to exit; returns how
+    /// long it took and how it exited, or `None` if it was still running (it is then killed).
+    pub fn terminate(&mut self, within: Duration) -> Option<(Duration, std::process::ExitStatus)> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).ok()?);
+        let started = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).ok()?;
+        while started.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some((started.elapsed(), status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
     }
 
     /// Starts the node again with the same flags (same API port).
@@ -132,5 +165,6 @@ fn spawn(args: &[String]) -> Child {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
