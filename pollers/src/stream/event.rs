@@ -1,5 +1,7 @@
 //! Lambda's Kafka event, partial-batch responses, and the Kafka-topic failure record.
 
+use std::borrow::Borrow;
+
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -69,11 +71,12 @@ pub fn tp_key(topic: &str, partition: i32) -> String {
     format!("{topic}-{partition}")
 }
 
-/// The event the function receives for `batch` (records of one partition).
+/// The event the function receives for `batch` (records of one partition, owned or borrowed).
 #[must_use]
-pub fn kafka_event(bootstrap_servers: &str, batch: &[Rec]) -> Value {
+pub fn kafka_event<R: Borrow<Rec>>(bootstrap_servers: &str, batch: &[R]) -> Value {
     let mut records = serde_json::Map::new();
     for r in batch {
+        let r: &Rec = r.borrow();
         records
             .entry(tp_key(&r.topic, r.partition))
             .or_insert_with(|| Value::Array(Vec::new()))
@@ -95,9 +98,9 @@ pub enum Partial {
     Invalid(String),
 }
 
-/// Reads a partial-batch response for `batch`.
+/// Reads a partial-batch response for `batch` (owned or borrowed records).
 #[must_use]
-pub fn partial_failures(response: &[u8], batch: &[Rec]) -> Partial {
+pub fn partial_failures<R: Borrow<Rec>>(response: &[u8], batch: &[R]) -> Partial {
     let Ok(v) = serde_json::from_slice::<Value>(response) else {
         return Partial::AllOk;
     };
@@ -116,7 +119,8 @@ pub fn partial_failures(response: &[u8], batch: &[Rec]) -> Partial {
         };
         if !batch
             .iter()
-            .any(|r| r.offset == offset && tp_key(&r.topic, r.partition) == tp)
+            .map(Borrow::borrow)
+            .any(|r: &Rec| r.offset == offset && tp_key(&r.topic, r.partition) == tp)
         {
             return Partial::Invalid(format!("itemIdentifier {tp}@{offset} is not in the batch"));
         }

@@ -3,6 +3,7 @@
 //! old or too big to invoke at all. The lane (`lane`) does the I/O; everything it decides comes
 //! from here, so the policy is tested alone.
 
+use std::borrow::Borrow;
 use std::time::Duration;
 
 use super::event::{Rec, MAX_BATCH_BYTES};
@@ -114,17 +115,21 @@ impl RetryPolicy {
 
 /// Splits `recs` into those older than `max_age_ms` at `now_ms` (`max_age_ms < 0`: never) and
 /// the rest, keeping order.
-pub(crate) fn split_expired(recs: Vec<Rec>, now_ms: i64, max_age_ms: i64) -> (Vec<Rec>, Vec<Rec>) {
+pub(crate) fn split_expired<R: Borrow<Rec>>(
+    recs: Vec<R>,
+    now_ms: i64,
+    max_age_ms: i64,
+) -> (Vec<R>, Vec<R>) {
     if max_age_ms < 0 {
         return (Vec::new(), recs);
     }
     recs.into_iter()
-        .partition(|r| now_ms - r.timestamp_ms > max_age_ms)
+        .partition(|r| now_ms - r.borrow().timestamp_ms > max_age_ms)
 }
 
 /// Whether `recs` is a single record too big for any batch (`MaximumPayloadSizeExceeded`).
-pub(crate) fn too_big(recs: &[Rec]) -> bool {
-    recs.len() == 1 && recs[0].encoded_size() > MAX_BATCH_BYTES
+pub(crate) fn too_big<R: Borrow<Rec>>(recs: &[R]) -> bool {
+    recs.len() == 1 && recs[0].borrow().encoded_size() > MAX_BATCH_BYTES
 }
 
 #[cfg(test)]

@@ -45,27 +45,14 @@ pub enum StreamError {
     },
 }
 
-/// Everything a lane needs about its mapping.
+/// A lane's I/O on the real parts (see [`lane::LaneIo`]): the mapping, the invoker, the
+/// on-failure destination and the runtime's trackers.
 pub(crate) struct MappingCtx {
-    pub(crate) uuid: String,
-    pub(crate) config: EventSourceMappingConfig,
-    pub(crate) filters: FilterSet,
-    pub(crate) bootstrap: String,
+    pub(crate) lane: lane::LaneSettings,
     pub(crate) function_arn: String,
     pub(crate) invoker: Arc<dyn Invoker>,
     pub(crate) destinations: DestinationWriter,
     pub(crate) trackers: Arc<Mutex<Trackers>>,
-}
-
-impl MappingCtx {
-    /// Whether `r`'s partition is still this node's under the epoch `r` was fetched in.
-    pub(crate) fn owns(&self, r: &Rec) -> bool {
-        runtime::lock(&self.trackers).is_owned(&(r.topic.clone(), r.partition), r.epoch)
-    }
-
-    pub(crate) fn finish(&self, r: &Rec) {
-        runtime::lock(&self.trackers).finish(&(r.topic.clone(), r.partition), r.offset, r.epoch);
-    }
 }
 
 /// One mapping on this node.
@@ -213,10 +200,12 @@ impl MappingPoller {
             units_cache: Arc::default(),
         };
         let ctx = Arc::new(MappingCtx {
-            uuid: uuid.clone(),
-            config: cfg.clone(),
-            filters,
-            bootstrap: kafka.bootstrap_servers.clone(),
+            lane: lane::LaneSettings {
+                uuid: uuid.clone(),
+                config: cfg.clone(),
+                filters,
+                bootstrap: kafka.bootstrap_servers.clone(),
+            },
             function_arn: format!("{}{}", t.cfg.function_arn_prefix, cfg.function_name),
             invoker: Arc::clone(&t.invoker),
             destinations: t.destinations.clone(),
