@@ -716,7 +716,7 @@ impl AsyncPoller {
             function: event.function.clone(),
             request_id: event.request_id.clone(),
             payload: event.payload.clone(),
-            trace_id: String::new(),
+            trace_id: event.trace_id.clone(),
         };
         match self.invoker.invoke(req).await {
             Ok(done) => {

@@ -926,4 +926,89 @@ mod tests {
         );
         assert_eq!(fake.finished(), [0, 1]);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_outside_the_invoke_fails_only_the_batchs_unfinished_records() {
+        let fake = Fake::new(
+            json!({ "FunctionResponseTypes": ["ReportBatchItemFailures"], "MaximumRetryAttempts": 0 }),
+            |_, _| Reply::Failures(vec![2]),
+        );
+        // Writing record 2's failure record panics (outside the invoke).
+        fake.fail_panics.store(1, Ordering::SeqCst);
+        run(&fake, recs(0..3)).await;
+        let failures = fake.failures();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        let f = &failures[0];
+        assert_eq!(f.offsets, [2], "0 and 1 had succeeded");
+        assert_eq!(f.condition, "RetryAttemptsExhausted");
+        assert_eq!(f.invokes, 1);
+        assert_eq!(
+            f.error.as_ref().map(|e| e["errorType"].clone()),
+            Some(json!("Sluice.HandlerPanic"))
+        );
+        assert_eq!(fake.finished(), [0, 1, 2], "the commit point moves on");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_keeps_running_after_a_batch_panics() {
+        let fake = Arc::new(Fake::new(
+            json!({ "BatchSize": 1, "MaximumBatchingWindowInSeconds": 0, "MaximumRecordAgeInSeconds": 60 }),
+            |_, _| Reply::Ok,
+        ));
+        // Record 0 is too old; writing its RecordAgeExceeded record panics.
+        fake.fail_panics.store(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(8);
+        let lane = tokio::spawn(lane(Arc::clone(&fake), rx, CancellationToken::new()));
+        tx.send(rec(0, T0_MS - 120_000)).await.expect("lane");
+        tx.send(rec(1, T0_MS)).await.expect("lane");
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(60), lane)
+            .await
+            .expect("the lane ends with its channel")
+            .expect("the lane did not panic");
+        let failures = fake.failures();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(failures[0].offsets, [0]);
+        assert_eq!(failures[0].condition, "RetryAttemptsExhausted");
+        assert_eq!(
+            failures[0].error.as_ref().map(|e| e["errorType"].clone()),
+            Some(json!("Sluice.HandlerPanic"))
+        );
+        assert_eq!(
+            fake.calls(),
+            [Call {
+                at_ms: 0,
+                offsets: vec![1]
+            }],
+            "the next batch ran"
+        );
+        assert_eq!(fake.finished(), [0, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_whose_failure_write_panics_twice_is_still_finished() {
+        let fake = Fake::new(json!({ "MaximumRetryAttempts": 0 }), |_, _| {
+            Reply::FunctionError
+        });
+        fake.fail_panics.store(2, Ordering::SeqCst);
+        run(&fake, recs(0..2)).await;
+        assert!(fake.failures().is_empty(), "nothing could be written");
+        assert_eq!(
+            fake.finished(),
+            [0, 1],
+            "discarded (logged), not left in flight for good"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicked_batch_of_a_lost_partition_is_left_to_the_next_owner() {
+        let mut fake = Fake::new(json!({ "MaximumRetryAttempts": 0 }), |_, _| {
+            Reply::FunctionError
+        });
+        fake.fail_panics.store(1, Ordering::SeqCst);
+        fake.lose_lease_on_fail_panic = true;
+        run(&fake, recs(0..2)).await;
+        assert!(fake.failures().is_empty());
+        assert!(fake.finished().is_empty());
+    }
 }

@@ -14,7 +14,9 @@
 //! record); a function error (bisect, retry up to MaximumRetryAttempts or until the record is older
 //! than MaximumRecordAgeInSeconds, then one failure record per record to the on-failure topic).
 //! The committed offset is always the lowest unfinished record of the partition. A poller whose
-//! lease is gone makes no further invoke or commit.
+//! lease is gone makes no further invoke or commit. A panic while handling a batch never ends its
+//! lane (see `lane`): the batch's unfinished records go to the on-failure destination and are
+//! finished, counted in `sluice_stream_handler_panics_total{mapping}`.
 
 pub mod event;
 mod lane;
