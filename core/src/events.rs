@@ -7,7 +7,8 @@
 //! cut front-end throughput to a third in `scripts/bench.sh ingest`); its value is the event
 //! payload as the caller sent it (so Kafka's own tools show it), and Sluice's bookkeeping travels
 //! in headers: `sluice-request-id`, `sluice-function`, `sluice-enqueued-ms`, `sluice-attempts` (invocations
-//! already made), `sluice-throttles` and `sluice-not-before-ms` (for delayed re-delivery).
+//! already made), `sluice-throttles`, `sluice-not-before-ms` (for delayed re-delivery) and
+//! `sluice-trace-id` (the invocation's X-Ray trace header, passed to the function).
 
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ const H_ENQUEUED: &str = "sluice-enqueued-ms";
 const H_ATTEMPTS: &str = "sluice-attempts";
 const H_THROTTLES: &str = "sluice-throttles";
 const H_NOT_BEFORE: &str = "sluice-not-before-ms";
+const H_TRACE_ID: &str = "sluice-trace-id";
 
 /// Lambda's payload limit for asynchronous invocations (1 MiB since October 2025).
 pub const MAX_ASYNC_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -46,6 +48,9 @@ pub struct AsyncEvent {
     pub throttles: u32,
     /// Not to be processed before this time, Unix ms (0: now).
     pub not_before_ms: i64,
+    /// The X-Ray trace header (`Root=1-…;Parent=…;Sampled=…`) the function gets as
+    /// `Lambda-Runtime-Trace-Id`; empty when none was given.
+    pub trace_id: String,
 }
 
 impl AsyncEvent {
@@ -60,7 +65,15 @@ impl AsyncEvent {
             attempts: 0,
             throttles: 0,
             not_before_ms: 0,
+            trace_id: String::new(),
         }
+    }
+
+    /// The same event with trace header `trace_id`.
+    #[must_use]
+    pub fn with_trace_id(mut self, trace_id: impl Into<String>) -> Self {
+        self.trace_id = trace_id.into();
+        self
     }
 
     /// Its age at `now_ms`.
@@ -96,6 +109,7 @@ impl AsyncEvent {
             attempts: u32::try_from(num(H_ATTEMPTS)?).map_err(|_| "bad attempts")?,
             throttles: u32::try_from(num(H_THROTTLES)?).map_err(|_| "bad throttles")?,
             not_before_ms: num(H_NOT_BEFORE)?,
+            trace_id: get(H_TRACE_ID).unwrap_or_default(),
         })
     }
 
@@ -131,6 +145,10 @@ impl AsyncEvent {
             .insert(Header {
                 key: H_NOT_BEFORE,
                 value: Some(nb.as_bytes()),
+            })
+            .insert(Header {
+                key: H_TRACE_ID,
+                value: Some(self.trace_id.as_bytes()),
             })
     }
 }

@@ -15,8 +15,24 @@ pub struct InvokeRequest {
     pub request_id: String,
     /// The event.
     pub payload: Vec<u8>,
-    /// X-Ray style trace id (may be empty).
+    /// The X-Ray trace header (`Root=1-…;Parent=…;Sampled=…`), passed to the function as
+    /// `Lambda-Runtime-Trace-Id` (runtimes export it as `_X_AMZN_TRACE_ID`); empty when none.
     pub trace_id: String,
+}
+
+/// A new X-Ray trace header, as Lambda makes one for an invocation that came without one:
+/// `Root=1-<8 hex digits of Unix seconds>-<24 random hex digits>;Parent=<16 random hex
+/// digits>;Sampled=0`.
+#[must_use]
+pub fn new_trace_id() -> String {
+    let secs = crate::time::unix_ms() / 1000;
+    let a = uuid::Uuid::new_v4().simple().to_string();
+    let b = uuid::Uuid::new_v4().simple().to_string();
+    format!(
+        "Root=1-{secs:08x}-{};Parent={};Sampled=0",
+        &a[..24],
+        &b[..16]
+    )
 }
 
 /// What the function returned.
@@ -110,5 +126,24 @@ pub trait Invoker: Send + Sync {
     /// across the fleet now; `None` when this invoker cannot see the fleet.
     async fn provisioned_ready(&self, _function: &str) -> Option<u32> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_new_trace_id_has_xrays_shape() {
+        let t = super::new_trace_id();
+        let parts: Vec<&str> = t.split(';').collect();
+        assert_eq!(parts.len(), 3, "{t}");
+        let root: Vec<&str> = parts[0].trim_start_matches("Root=").split('-').collect();
+        assert_eq!(root[0], "1");
+        assert_eq!(root[1].len(), 8);
+        assert_eq!(root[2].len(), 24);
+        assert!(
+            parts[1].starts_with("Parent=") && parts[1].len() == 7 + 16,
+            "{t}"
+        );
+        assert_eq!(parts[2], "Sampled=0");
     }
 }

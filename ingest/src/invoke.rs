@@ -55,6 +55,13 @@ async fn invoke_inner(
     body: Bytes,
     request_id: &str,
 ) -> Result<Response, ApiError> {
+    // The caller's X-Ray trace header, or a new one: it travels with the invocation (through the
+    // async queue for events) to the function's `Lambda-Runtime-Trace-Id`.
+    let trace_id = headers
+        .get("x-amzn-trace-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty() && t.len() <= 256)
+        .map_or_else(sluice_core::invoke::new_trace_id, str::to_owned);
     let kind = headers
         .get("x-amz-invocation-type")
         .map(|v| v.to_str().unwrap_or("?"))
@@ -82,7 +89,7 @@ async fn invoke_inner(
                     "this node does not accept asynchronous invocations",
                 ));
             };
-            let event = AsyncEvent::new(name, request_id, body.to_vec());
+            let event = AsyncEvent::new(name, request_id, body.to_vec()).with_trace_id(trace_id);
             match events.send(&state.async_topic, &event).await {
                 Ok((partition, offset)) => {
                     metrics::counter!("sluice_async_events_received_total", "function" => name.to_owned()).increment(1);
@@ -123,7 +130,7 @@ async fn invoke_inner(
                 function: name.to_owned(),
                 request_id: request_id.to_owned(),
                 payload: body.to_vec(),
-                trace_id: String::new(),
+                trace_id,
             };
             match invoker.invoke(req).await {
                 Ok(done) => {

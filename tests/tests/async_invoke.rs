@@ -540,3 +540,55 @@ async fn sigterm_under_load_loses_nothing_and_exits_within_the_shutdown_deadline
     let lost: Vec<&i64> = want.difference(&seen).collect();
     assert!(lost.is_empty(), "events lost across the SIGTERM: {lost:?}");
 }
+
+/// The caller's X-Ray trace header reaches the function (`Lambda-Runtime-Trace-Id`, which the
+/// runtime exports as `_X_AMZN_TRACE_ID`), synchronously and through the async queue; without
+/// one, the invocation gets a new one of X-Ray's shape.
+#[tokio::test]
+async fn the_trace_header_travels_with_the_invocation_to_the_function() {
+    let e = env(&[]).await;
+    e.create("traced", json!({})).await;
+    let (ok, _) = e.destinations("traced", 0).await;
+    let given = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
+    let inspect = json!({ "action": "inspect" }).to_string();
+
+    let r = e
+        .http
+        .post(e.url("/2015-03-31/functions/traced/invocations"))
+        .header("X-Amzn-Trace-Id", given)
+        .body(inspect.clone())
+        .send()
+        .await
+        .expect("invoke");
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["trace_header"], given, "{v}");
+    assert_eq!(v["trace_env"], given, "{v}");
+
+    let r = e
+        .invoke("traced", "RequestResponse", inspect.clone().into_bytes())
+        .await;
+    let v: Value = r.json().await.expect("json");
+    let made = v["trace_header"].as_str().unwrap_or_default();
+    assert!(
+        made.starts_with("Root=1-") && made.contains(";Parent=") && made.len() > 40,
+        "a new trace header: {v}"
+    );
+
+    let r = e
+        .http
+        .post(e.url("/2015-03-31/functions/traced/invocations"))
+        .header("X-Amz-Invocation-Type", "Event")
+        .header("X-Amzn-Trace-Id", given)
+        .body(inspect)
+        .send()
+        .await
+        .expect("event");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let recs = wait_records(&ok, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        recs[0]["responsePayload"]["trace_header"], given,
+        "{}",
+        recs[0]
+    );
+}

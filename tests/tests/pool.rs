@@ -227,7 +227,13 @@ async fn pool_events_tell_the_index_which_sandboxes_are_idle() {
     assert_eq!(function, key);
 
     // Taken as the claimed sandbox: it was already out of the index, so only its return shows.
-    pool.invoke_preferring(&f, Some(sandbox), "r2", b"{}".to_vec())
+    let request = sluice_core::invoke::InvokeRequest {
+        function: "ev".into(),
+        request_id: "r2".into(),
+        payload: b"{}".to_vec(),
+        trace_id: String::new(),
+    };
+    pool.invoke_preferring(&f, Some(sandbox), request)
         .await
         .expect("invoke");
     assert_eq!(

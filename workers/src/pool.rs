@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sluice_core::invoke::InvokeRequest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -322,13 +323,19 @@ impl Pool {
         request_id: &str,
         payload: Vec<u8>,
     ) -> Result<Invocation, PoolError> {
-        self.invoke_preferring(spec, None, request_id, payload)
-            .await
+        let request = InvokeRequest {
+            function: spec.name.clone(),
+            request_id: request_id.to_owned(),
+            payload,
+            trace_id: String::new(),
+        };
+        self.invoke_preferring(spec, None, request).await
     }
 
     /// As [`Pool::invoke`], on idle sandbox `prefer` when it is still idle (the one the worker
     /// manager claimed for this invocation), else on any idle sandbox of the function (a
-    /// provisioned one first), else on a new one.
+    /// provisioned one first), else on a new one. `request` goes to the sandbox as the caller
+    /// made it: its request id, trace id and event.
     ///
     /// # Errors
     /// As [`Pool::invoke`].
@@ -336,9 +343,15 @@ impl Pool {
         &self,
         spec: &Arc<FunctionSpec>,
         prefer: Option<u64>,
-        request_id: &str,
-        payload: Vec<u8>,
+        request: InvokeRequest,
     ) -> Result<Invocation, PoolError> {
+        let InvokeRequest {
+            request_id,
+            payload,
+            trace_id,
+            ..
+        } = request;
+        let request_id = request_id.as_str();
         let key: Key = (spec.name.clone(), spec.revision);
         let warm = self.take_idle(&key, prefer);
         let (mut sandbox, provisioned, cold_start, init_duration) = match warm {
@@ -396,7 +409,7 @@ impl Pool {
             }
         };
         let started = Instant::now();
-        let outcome = sandbox.invoke(request_id, payload, "").await;
+        let outcome = sandbox.invoke(request_id, payload, &trace_id).await;
         let duration = started.elapsed();
         let alive = sandbox.is_alive();
         {

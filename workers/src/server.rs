@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use sluice_core::invoke::{FunctionResult, InvokeError};
+use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest};
 
 use crate::service::{WorkerRequest, WorkerService};
 
@@ -89,14 +89,16 @@ async fn invoke(State(service): State<WorkerService>, headers: HeaderMap, body: 
         );
     };
     let req = WorkerRequest {
-        function: function.to_owned(),
+        request: InvokeRequest {
+            function: function.to_owned(),
+            request_id: request_id.to_owned(),
+            trace_id: header(&headers, "x-sluice-trace-id")
+                .unwrap_or_default()
+                .to_owned(),
+            payload: body.to_vec(),
+        },
         revision,
         sandbox: header(&headers, "x-sluice-sandbox").and_then(|s| s.parse().ok()),
-        request_id: request_id.to_owned(),
-        trace_id: header(&headers, "x-sluice-trace-id")
-            .unwrap_or_default()
-            .to_owned(),
-        payload: body.to_vec(),
     };
     match service.invoke(req).await {
         Ok(r) => {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::code::CodeCache;
-use sluice_core::invoke::{FunctionResult, InvokeError};
+use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest};
 use sluice_core::kafka::KafkaSettings;
 use sluice_core::model::FunctionConfig;
 use sluice_core::store::{ConfigStore, Versioned};
@@ -87,21 +87,16 @@ impl AccountIdentity {
     }
 }
 
-/// One invocation for this worker.
+/// One invocation for this worker: the caller's request as it came in (function, request id,
+/// trace id, event), with where the fleet wants it run.
 #[derive(Debug, Clone)]
 pub struct WorkerRequest {
-    /// Function name.
-    pub function: String,
+    /// The invocation, unchanged from the front end or poller that made it.
+    pub request: InvokeRequest,
     /// The configuration revision the caller saw (the worker waits until its view has it).
     pub revision: u64,
     /// The idle sandbox the worker manager claimed for it, if any.
     pub sandbox: Option<u64>,
-    /// Request id.
-    pub request_id: String,
-    /// Trace id (may be empty).
-    pub trace_id: String,
-    /// The event.
-    pub payload: Vec<u8>,
 }
 
 /// What the worker did with it.
@@ -300,32 +295,35 @@ impl WorkerService {
     /// [`InvokeError::NotFound`], [`InvokeError::Config`], [`InvokeError::Service`] otherwise.
     /// Function failures are [`FunctionResult::Err`].
     pub async fn invoke(&self, req: WorkerRequest) -> Result<WorkerResult, InvokeError> {
-        let f = self.function(&req.function, req.revision).await?;
+        let WorkerRequest {
+            request,
+            revision,
+            sandbox,
+        } = req;
+        let function = request.function.clone();
+        let request_id = request.request_id.clone();
+        let f = self.function(&function, revision).await?;
         let spec = match self.spec(&f).await {
             Ok(spec) => Arc::new(spec),
             Err(e) => {
-                metrics::counter!("sluice_worker_invocations_total", "function" => req.function.clone())
+                metrics::counter!("sluice_worker_invocations_total", "function" => function)
                     .increment(1);
-                return e.into_result(&req.request_id);
+                return e.into_result(&request_id);
             }
         };
         // On its own task: a caller that goes away (a dropped connection) must not abandon a
-        // sandbox in the middle of an invocation.
+        // sandbox in the middle of an invocation. The request moves on to the sandbox as is.
         let pool = self.inner.pool.clone();
-        let (sandbox, request_id) = (req.sandbox, req.request_id.clone());
-        let inv = tokio::spawn(async move {
-            pool.invoke_preferring(&spec, sandbox, &request_id, req.payload)
+        let inv =
+            tokio::spawn(async move { pool.invoke_preferring(&spec, sandbox, request).await })
                 .await
-        })
-        .await
-        .map_err(|e| InvokeError::Service(format!("invocation task failed: {e}")))?
-        .map_err(invoke_error)?;
-        metrics::counter!("sluice_worker_invocations_total", "function" => req.function.clone())
-            .increment(1);
+                .map_err(|e| InvokeError::Service(format!("invocation task failed: {e}")))?
+                .map_err(invoke_error)?;
+        metrics::counter!("sluice_worker_invocations_total", "function" => function).increment(1);
         let result = match &inv.outcome {
             InvokeOutcome::Response(p) => FunctionResult::Ok(p.clone()),
             other => {
-                let (error_type, payload) = other.error(&req.request_id).unwrap_or_default();
+                let (error_type, payload) = other.error(&request_id).unwrap_or_default();
                 FunctionResult::Err {
                     error_type,
                     payload,

@@ -105,11 +105,11 @@ impl RemoteClient {
             .http
             .post(format!("http://{addr}{INVOKE_PATH}"))
             .timeout(deadline)
-            .header("x-sluice-function", &req.function)
+            .header("x-sluice-function", &req.request.function)
             .header("x-sluice-revision", req.revision)
-            .header("x-sluice-request-id", &req.request_id)
-            .header("x-sluice-trace-id", &req.trace_id)
-            .body(req.payload.clone());
+            .header("x-sluice-request-id", &req.request.request_id)
+            .header("x-sluice-trace-id", &req.request.trace_id)
+            .body(req.request.payload.clone());
         if let Some(sb) = req.sandbox {
             builder = builder.header("x-sluice-sandbox", sb);
         }

@@ -184,12 +184,9 @@ impl ClusterInvoker {
             + self.inner.init_timeout
             + REMOTE_MARGIN;
         let mut wreq = WorkerRequest {
-            function: req.function.clone(),
+            request: req.clone(),
             revision: f.revision,
             sandbox: None,
-            request_id: req.request_id.clone(),
-            trace_id: req.trace_id.clone(),
-            payload: req.payload.clone(),
         };
         if self.fleet().is_empty() {
             let _ = self.refresh_fleet().await;

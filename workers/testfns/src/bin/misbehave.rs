@@ -8,7 +8,8 @@
 //! - `hog`: allocate and touch `mb` MiB (default 1024);
 //! - `net`: try to reach an outside address and report what happened;
 //! - `syscall`: make a forbidden system call (`unshare`);
-//! - `inspect`: report what the function sees of its sandbox (ids, writable paths, environment).
+//! - `inspect`: report what the function sees of its sandbox (ids, writable paths, environment,
+//!   the trace header and `_X_AMZN_TRACE_ID`).
 //!
 //! With the environment variable `INIT_SLEEP_MS` set, its initialisation takes that long before it
 //! asks for the first event (an init that never finishes, when longer than the init timeout).
@@ -95,6 +96,8 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
                 "user_var": std::env::var("GREETING").unwrap_or_default(),
                 "deadline_ms": event.context.deadline,
                 "request_id": event.context.request_id,
+                "trace_header": event.context.xray_trace_id,
+                "trace_env": std::env::var("_X_AMZN_TRACE_ID").unwrap_or_default(),
                 "arn": event.context.invoked_function_arn,
             }))
         }
