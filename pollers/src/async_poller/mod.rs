@@ -22,7 +22,11 @@
 //! partition, so a delayed event waits in Kafka (its partition paused) rather than in memory.
 //! Re-queued events are keyed by request id, so a hot function's retries spread over every
 //! partition and node. A panic while handling an event fails it like a function error.
+//!
+//! What one attempt at an event comes to (`attempt::Attempt`: the policy around the invoke) is
+//! decided apart from the I/O it implies (destination records, re-queues, metrics: here).
 
+mod attempt;
 mod fair;
 mod policy;
 
@@ -37,7 +41,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::KafkaError;
 use sluice_core::events::{now_ms, AsyncEvent, EventProducer};
-use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest, Invoker};
+use sluice_core::invoke::Invoker;
 use sluice_core::kafka::{ensure_topic, KafkaSettings, TopicSpec};
 use sluice_core::model::EventInvokeConfig;
 use sluice_core::store::ConfigStore;
@@ -47,8 +51,8 @@ use tokio_util::sync::CancellationToken;
 use redis::aio::ConnectionManager;
 use sluice_leasing::Leaser;
 
+use self::attempt::{Attempt, Decision, RequeueCause};
 use self::fair::FairShare;
-use self::policy::{Admit, AfterError};
 use crate::balance::Balancer;
 use crate::runtime::{self, Budget, Item, Partition, RunConfig, Trackers};
 
@@ -553,7 +557,9 @@ impl AsyncPoller {
                 let mut event = copy;
                 event.attempts += 1;
                 let payload = br#"{"errorMessage":"the poller failed while handling the event","errorType":"Sluice.PollerPanic"}"#;
-                self.on_function_error(event, &config, payload).await
+                let decision =
+                    attempt::after_function_error(&self.cfg, &config, event, payload.to_vec());
+                self.carry_out(decision, &config).await
             }
         };
         match next {
@@ -636,41 +642,7 @@ impl AsyncPoller {
         self.store.function(name).map(|f| f.object)
     }
 
-    /// After the `event.attempts`th attempt failed: re-queue after the next retry delay, or write
-    /// the on-failure record once the retries are spent.
-    async fn on_function_error(
-        &self,
-        event: AsyncEvent,
-        config: &EventInvokeConfig,
-        payload: &[u8],
-    ) -> Next {
-        if let AfterError::Retry(delay) = policy::after_function_error(
-            event.attempts,
-            config.maximum_retry_attempts,
-            &self.cfg.retry_delays,
-        ) {
-            return Next::Requeue { delay, event };
-        }
-        metrics::counter!("sluice_async_events_dropped_total", "reason" => "RetriesExhausted")
-            .increment(1);
-        let on_failure = config
-            .destination_config
-            .clone()
-            .unwrap_or_default()
-            .on_failure
-            .and_then(|d| d.destination);
-        self.to_destination(
-            on_failure,
-            &event,
-            Condition::RetriesExhausted,
-            Some((Some("Unhandled".into()), payload)),
-        )
-        .await;
-        Next::Done
-    }
-
-    async fn decide(&self, mut event: AsyncEvent, part: &Partition) -> Next {
-        let labels = [("function", event.function.clone())];
+    async fn decide(&self, event: AsyncEvent, part: &Partition) -> Next {
         let Some(function) = self.function(&event.function).await else {
             tracing::warn!(function = %event.function, request_id = %event.request_id, "dropping an event of a deleted function");
             metrics::counter!("sluice_async_events_dropped_total", "reason" => "FunctionDeleted")
@@ -678,92 +650,85 @@ impl AsyncPoller {
             return Next::Done;
         };
         let config = self.invoke_config(&event.function);
-        let dest = config.destination_config.clone().unwrap_or_default();
-        let on_failure = dest.on_failure.and_then(|d| d.destination);
-        let on_success = dest.on_success.and_then(|d| d.destination);
         let now = now_ms();
-        let age = event.age(now);
-        metrics::histogram!("sluice_async_event_age_seconds", &labels).record(age.as_secs_f64());
-        match policy::admit(
-            age,
-            config.maximum_event_age_in_seconds,
-            function.reserved_concurrent_executions,
-        ) {
-            Admit::Run => {}
-            Admit::Expired => {
-                metrics::counter!("sluice_async_events_dropped_total", "reason" => "EventAgeExceeded")
-                    .increment(1);
-                tracing::info!(function = %event.function, request_id = %event.request_id, ?age, "event too old");
-                self.to_destination(on_failure, &event, Condition::EventAgeExceeded, None)
-                    .await;
-                return Next::Done;
-            }
-            Admit::ZeroReserved => {
-                metrics::counter!("sluice_async_events_dropped_total", "reason" => "ZeroReservedConcurrency").increment(1);
-                metrics::counter!("sluice_throttles_total", &labels).increment(1);
-                self.to_destination(on_failure, &event, Condition::ZeroReservedConcurrency, None)
-                    .await;
-                return Next::Done;
-            }
-        }
-        if !part.is_owned() {
-            // A zombie (paused past its lease, or the partition moved): the new owner runs it.
-            metrics::counter!("sluice_poller_zombie_skips_total", "source" => "async-queue")
-                .increment(1);
-            return Next::Abandoned;
-        }
-        let req = InvokeRequest {
-            function: event.function.clone(),
-            request_id: event.request_id.clone(),
-            payload: event.payload.clone(),
-            trace_id: event.trace_id.clone(),
+        metrics::histogram!("sluice_async_event_age_seconds", "function" => event.function.clone())
+            .record(event.age(now).as_secs_f64());
+        let attempt = Attempt {
+            invoker: &*self.invoker,
+            cfg: &self.cfg,
+            invoke_config: &config,
+            reserved: function.reserved_concurrent_executions,
         };
-        match self.invoker.invoke(req).await {
-            Ok(done) => {
-                event.attempts += 1;
-                match done.result {
-                    FunctionResult::Ok(payload) => {
-                        self.to_destination(
-                            on_success,
-                            &event,
-                            Condition::Success,
-                            Some((None, &payload)),
-                        )
-                        .await;
-                        Next::Done
-                    }
-                    FunctionResult::Err {
-                        error_type,
-                        payload,
-                    } => {
-                        tracing::info!(function = %event.function, request_id = %event.request_id, attempt = event.attempts, %error_type, "function error");
-                        self.on_function_error(event, &config, &payload).await
-                    }
-                }
-            }
-            Err(InvokeError::NotFound(_)) => {
-                metrics::counter!("sluice_async_events_dropped_total", "reason" => "FunctionDeleted").increment(1);
+        let decision = attempt.run(event, now, || part.is_owned()).await;
+        self.carry_out(decision, &config).await
+    }
+
+    /// Writes the destination record and counts what `decision` says; returns what is left to do
+    /// with the event.
+    async fn carry_out(&self, decision: Decision, config: &EventInvokeConfig) -> Next {
+        let dest = config.destination_config.clone().unwrap_or_default();
+        match decision {
+            Decision::Success { event, response } => {
+                let on_success = dest.on_success.and_then(|d| d.destination);
+                self.to_destination(
+                    on_success,
+                    &event,
+                    Condition::Success,
+                    Some((None, &response)),
+                )
+                .await;
                 Next::Done
             }
-            Err(e) if !e.is_retryable() => {
-                // The function's configuration cannot run here (InvokeError::Config): the user's
-                // doing, so Lambda counts it as a function error (an attempt), never a throttle.
-                event.attempts += 1;
-                let payload = e.function_error_body();
-                tracing::info!(function = %event.function, request_id = %event.request_id, attempt = event.attempts, error = %e, "function cannot run; counted as a function error");
-                self.on_function_error(event, &config, &payload).await
-            }
-            Err(e) => {
-                // Throttled, no capacity or a service error: not an attempt; back off.
-                event.throttles += 1;
-                if matches!(e, InvokeError::Throttled { .. }) {
-                    metrics::counter!("sluice_throttles_total", &labels).increment(1);
+            Decision::Requeue {
+                delay,
+                event,
+                cause,
+            } => {
+                if cause == RequeueCause::Throttled {
+                    metrics::counter!("sluice_throttles_total", "function" => event.function.clone())
+                        .increment(1);
                 }
-                let delay = self.cfg.throttle_backoff(event.throttles);
-                tracing::debug!(function = %event.function, request_id = %event.request_id, error = %e, ?delay, "could not invoke; backing off");
                 Next::Requeue { delay, event }
             }
+            Decision::Failure {
+                event,
+                condition,
+                error,
+            } => {
+                metrics::counter!("sluice_async_events_dropped_total", "reason" => reason(condition))
+                    .increment(1);
+                if condition == Condition::ZeroReservedConcurrency {
+                    metrics::counter!("sluice_throttles_total", "function" => event.function.clone())
+                        .increment(1);
+                }
+                let on_failure = dest.on_failure.and_then(|d| d.destination);
+                let response = error.as_deref().map(|e| (Some("Unhandled".to_owned()), e));
+                self.to_destination(on_failure, &event, condition, response)
+                    .await;
+                Next::Done
+            }
+            Decision::Drop { reason } => {
+                metrics::counter!("sluice_async_events_dropped_total", "reason" => reason)
+                    .increment(1);
+                Next::Done
+            }
+            Decision::Abandoned => {
+                // A zombie (paused past its lease, or the partition moved): the new owner runs it.
+                metrics::counter!("sluice_poller_zombie_skips_total", "source" => "async-queue")
+                    .increment(1);
+                Next::Abandoned
+            }
         }
+    }
+}
+
+/// The `reason` label of a failure record's condition.
+fn reason(condition: Condition) -> &'static str {
+    match condition {
+        Condition::Success => "Success",
+        Condition::RetriesExhausted => "RetriesExhausted",
+        Condition::EventAgeExceeded => "EventAgeExceeded",
+        Condition::ZeroReservedConcurrency => "ZeroReservedConcurrency",
     }
 }
 
