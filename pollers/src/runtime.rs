@@ -9,7 +9,11 @@
 //! Isolation: the receive loop never waits on a partition. Each partition has a budget of records
 //! and bytes between fetch and finish; a partition over it is paused in librdkafka (its records
 //! stay in Kafka) and resumed once its worker has caught up, so a stuck partition never holds back
-//! another and memory is bounded by bytes as well as count.
+//! another and memory is bounded by bytes as well as count. A plug-in whose running records are
+//! bounded elsewhere (the async queue's slots) reports each record started
+//! ([`Partition::started`]): from then on it counts against the partition's records but no longer
+//! its bytes, so the bytes budget measures what waits. Streams count everything (a lane's batch is
+//! the partition's buffer until it is done).
 //!
 //! Zombies: a record is worked on only while its partition's lease is valid under the ownership
 //! epoch it was fetched in ([`Partition::is_owned`]); commits skip partitions whose lease is not
@@ -56,7 +60,8 @@ const COMMIT_LEASE_MARGIN: Duration = Duration::from_millis(500);
 pub(crate) struct Budget {
     /// Records fetched and not finished.
     pub(crate) records: usize,
-    /// Bytes (key + value) fetched and not finished.
+    /// Bytes (key + value) fetched and neither finished nor started (see
+    /// [`Partition::started`]).
     pub(crate) bytes: usize,
 }
 
@@ -68,6 +73,71 @@ impl Budget {
     /// Resume once at most half of the budget is used, so a partition does not flap.
     fn under_half(self, records: usize, bytes: usize) -> bool {
         records <= self.records / 2 && bytes <= self.bytes / 2
+    }
+}
+
+/// One partition's records between fetch and finish: their offsets (for the commit point) and
+/// the bytes that count against the partition's budget, and whether it is paused for being over
+/// it. Pure bookkeeping: [`Trackers`] applies the pauses and resumes it asks for.
+#[derive(Debug, Default)]
+struct Buffer {
+    tracker: OffsetTracker,
+    /// Sizes of the records whose bytes count: fetched, and neither started nor finished.
+    sizes: HashMap<i64, usize>,
+    bytes: usize,
+    paused: bool,
+}
+
+/// What a partition's flow in librdkafka must do after a change to its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Keep,
+    Pause,
+    Resume,
+}
+
+impl Buffer {
+    /// Tracks a fetched record of `bytes`; `None` when it was fetched before (librdkafka
+    /// re-fetches from the application's position after a resume).
+    fn start(&mut self, offset: i64, bytes: usize, budget: Budget) -> Option<Flow> {
+        if self.tracker.next().is_some_and(|n| offset < n) {
+            return None;
+        }
+        self.tracker.start(offset);
+        self.sizes.insert(offset, bytes);
+        self.bytes += bytes;
+        if !self.paused && budget.over(self.tracker.in_flight(), self.bytes) {
+            self.paused = true;
+            return Some(Flow::Pause);
+        }
+        Some(Flow::Keep)
+    }
+
+    /// A worker started the record: its bytes stop counting (it is still in flight).
+    fn started(&mut self, offset: i64, budget: Budget) -> Flow {
+        self.release(offset);
+        self.resume_under_half(budget)
+    }
+
+    /// The record is done.
+    fn finish(&mut self, offset: i64, budget: Budget) -> Flow {
+        self.tracker.finish(offset);
+        self.release(offset);
+        self.resume_under_half(budget)
+    }
+
+    fn release(&mut self, offset: i64) {
+        if let Some(b) = self.sizes.remove(&offset) {
+            self.bytes -= b;
+        }
+    }
+
+    fn resume_under_half(&mut self, budget: Budget) -> Flow {
+        if self.paused && budget.under_half(self.tracker.in_flight(), self.bytes) {
+            self.paused = false;
+            return Flow::Resume;
+        }
+        Flow::Keep
     }
 }
 
@@ -84,13 +154,9 @@ pub(crate) struct Trackers {
 /// One owned partition.
 pub(crate) struct Owned {
     epoch: u64,
-    tracker: OffsetTracker,
+    buffer: Buffer,
     /// The lease that makes this node the partition's only consumer.
     pub(crate) lease: Lease,
-    /// Sizes of the records in flight.
-    sizes: HashMap<i64, usize>,
-    bytes: usize,
-    paused: bool,
     /// When the last commit of this partition was handed to Kafka.
     committed_at: Option<Instant>,
 }
@@ -110,19 +176,16 @@ impl Trackers {
     /// any, so that an idle partition's commit can be refreshed before Kafka expires it.
     pub(crate) fn own(&mut self, tp: Tp, lease: Lease, committed: Option<i64>) {
         self.epoch += 1;
-        let mut tracker = OffsetTracker::default();
+        let mut buffer = Buffer::default();
         if let Some(c) = committed {
-            tracker.resume_at(c);
+            buffer.tracker.resume_at(c);
         }
         self.by_partition.insert(
             tp,
             Owned {
                 epoch: self.epoch,
-                tracker,
+                buffer,
                 lease,
-                sizes: HashMap::new(),
-                bytes: 0,
-                paused: false,
                 committed_at: Some(Instant::now()),
             },
         );
@@ -140,23 +203,26 @@ impl Trackers {
     pub(crate) fn start(&mut self, tp: &Tp, offset: i64, bytes: usize) -> Option<u64> {
         let budget = self.budget;
         let owned = self.by_partition.get_mut(tp)?;
-        if owned.tracker.next().is_some_and(|n| offset < n) {
-            return None;
+        let flow = owned.buffer.start(offset, bytes, budget)?;
+        let epoch = owned.epoch;
+        self.apply(tp, flow);
+        Some(epoch)
+    }
+
+    /// Notes that a worker started the record (async queue: it has its slot); its bytes stop
+    /// counting against the partition's budget, which resumes once under half. Running records
+    /// are bounded node-wide by the slots, and counting them let a slow function's running
+    /// events keep a partition paused for good, holding back every other function's events.
+    pub(crate) fn started(&mut self, tp: &Tp, offset: i64, epoch: u64) {
+        let budget = self.budget;
+        let Some(o) = self.by_partition.get_mut(tp) else {
+            return;
+        };
+        if o.epoch != epoch {
+            return;
         }
-        owned.tracker.start(offset);
-        owned.sizes.insert(offset, bytes);
-        owned.bytes += bytes;
-        if !owned.paused && budget.over(owned.tracker.in_flight(), owned.bytes) {
-            owned.paused = true;
-            if let Some(c) = &self.consumer {
-                if let Err(e) = c.pause(&one(tp, Offset::Invalid)) {
-                    tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "pause failed");
-                }
-            }
-            metrics::counter!("sluice_poller_partition_pauses_total", "topic" => tp.0.clone())
-                .increment(1);
-        }
-        Some(owned.epoch)
+        let flow = o.buffer.started(offset, budget);
+        self.apply(tp, flow);
     }
 
     /// Notes that a record is done; resumes its partition once under half its budget.
@@ -168,15 +234,28 @@ impl Trackers {
         if o.epoch != epoch {
             return;
         }
-        o.tracker.finish(offset);
-        if let Some(b) = o.sizes.remove(&offset) {
-            o.bytes -= b;
-        }
-        if o.paused && budget.under_half(o.tracker.in_flight(), o.bytes) {
-            o.paused = false;
-            if let Some(c) = &self.consumer {
-                if let Err(e) = c.resume(&one(tp, Offset::Invalid)) {
-                    tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "resume failed");
+        let flow = o.buffer.finish(offset, budget);
+        self.apply(tp, flow);
+    }
+
+    /// Pauses or resumes `tp` in librdkafka.
+    fn apply(&self, tp: &Tp, flow: Flow) {
+        match flow {
+            Flow::Keep => {}
+            Flow::Pause => {
+                if let Some(c) = &self.consumer {
+                    if let Err(e) = c.pause(&one(tp, Offset::Invalid)) {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "pause failed");
+                    }
+                }
+                metrics::counter!("sluice_poller_partition_pauses_total", "topic" => tp.0.clone())
+                    .increment(1);
+            }
+            Flow::Resume => {
+                if let Some(c) = &self.consumer {
+                    if let Err(e) = c.resume(&one(tp, Offset::Invalid)) {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "resume failed");
+                    }
                 }
             }
         }
@@ -191,14 +270,14 @@ impl Trackers {
 
     /// Bytes fetched and not finished, over every owned partition.
     pub(crate) fn buffered_bytes(&self) -> usize {
-        self.by_partition.values().map(|o| o.bytes).sum()
+        self.by_partition.values().map(|o| o.buffer.bytes).sum()
     }
 
     /// The highest finished offset of every owned partition.
     pub(crate) fn max_finished(&self) -> Vec<(Tp, i64)> {
         self.by_partition
             .iter()
-            .filter_map(|(tp, o)| Some((tp.clone(), o.tracker.max_finished()?)))
+            .filter_map(|(tp, o)| Some((tp.clone(), o.buffer.tracker.max_finished()?)))
             .collect()
     }
 
@@ -220,9 +299,9 @@ impl Trackers {
             let stale = o
                 .committed_at
                 .is_none_or(|at| now.duration_since(at) >= COMMIT_REFRESH);
-            let point = match o.tracker.commit_point() {
+            let point = match o.buffer.tracker.commit_point() {
                 Some(p) => Some(p),
-                None if stale => o.tracker.last_commit(),
+                None if stale => o.buffer.tracker.last_commit(),
                 None => None,
             };
             if let Some(point) = point {
@@ -275,6 +354,12 @@ impl Partition {
     /// before every invocation and every hand-on, so a zombie does nothing with what it lost.
     pub(crate) fn is_owned(&self) -> bool {
         lock(&self.trackers).is_owned(&self.tp, self.epoch)
+    }
+
+    /// Notes that a worker started the record at `offset`: its bytes no longer count against
+    /// the partition's budget (see [`Trackers::started`]); it stays in flight until finished.
+    pub(crate) fn started(&self, offset: i64) {
+        lock(&self.trackers).started(&self.tp, offset, self.epoch);
     }
 
     /// Marks the record at `offset` done.
@@ -493,5 +578,69 @@ mod tests {
         assert!(!b.under_half(6, 0));
         assert!(!b.under_half(0, 501));
         assert!(b.under_half(5, 500));
+    }
+
+    const KB: usize = 1000;
+
+    fn budget() -> Budget {
+        Budget {
+            records: 100,
+            bytes: 3 * KB,
+        }
+    }
+
+    #[test]
+    fn a_partition_paused_by_bytes_resumes_once_its_records_are_started() {
+        let mut b = Buffer::default();
+        assert_eq!(b.start(10, KB, budget()), Some(Flow::Keep));
+        assert_eq!(b.start(11, KB, budget()), Some(Flow::Keep));
+        assert_eq!(b.start(12, KB, budget()), Some(Flow::Pause), "3 KB: full");
+        assert_eq!(
+            b.started(10, budget()),
+            Flow::Keep,
+            "2 KB waiting: over half"
+        );
+        assert_eq!(b.started(11, budget()), Flow::Resume, "1 KB waiting");
+        assert_eq!(b.bytes, KB);
+        assert_eq!(
+            b.tracker.in_flight(),
+            3,
+            "started records are still in flight"
+        );
+        assert_eq!(
+            b.tracker.commit_point(),
+            Some(10),
+            "nothing started is committed"
+        );
+        b.finish(11, budget());
+        assert_eq!(b.tracker.commit_point(), None, "10 still holds the point");
+        b.finish(10, budget());
+        assert_eq!(b.bytes, KB, "a started record's bytes are released once");
+        assert_eq!(b.tracker.commit_point(), Some(12));
+        b.finish(12, budget());
+        assert_eq!(b.bytes, 0);
+        assert_eq!(b.tracker.commit_point(), Some(13));
+    }
+
+    #[test]
+    fn records_never_started_count_until_they_finish() {
+        // The stream lanes' way: a batch's records are the partition's buffer until done.
+        let mut b = Buffer::default();
+        for o in 0..3 {
+            b.start(o, KB, budget());
+        }
+        assert!(b.paused);
+        assert_eq!(b.finish(0, budget()), Flow::Keep);
+        assert_eq!(b.finish(1, budget()), Flow::Resume);
+        assert_eq!(b.bytes, KB);
+    }
+
+    #[test]
+    fn a_record_fetched_again_is_not_tracked_twice() {
+        let mut b = Buffer::default();
+        assert_eq!(b.start(5, KB, budget()), Some(Flow::Keep));
+        assert_eq!(b.start(5, KB, budget()), None);
+        assert_eq!(b.start(4, KB, budget()), None);
+        assert_eq!(b.bytes, KB);
     }
 }

@@ -181,7 +181,8 @@ enum Next {
     },
 }
 
-/// Bytes of queue events one partition holds between fetch and finish.
+/// Bytes of queue events one partition holds between fetch and the start of their run (running
+/// ones are bounded by `max_in_flight`).
 const QUEUE_PARTITION_BYTES: usize = 32 * 1024 * 1024;
 /// Bytes of delayed events one delay partition holds in memory.
 const DELAY_PARTITION_BYTES: usize = 8 * 1024 * 1024;
@@ -298,11 +299,13 @@ impl AsyncPoller {
         let queue = self.consumer(&self.cfg.group_id)?;
         let queue_trackers = Arc::new(Mutex::new(Trackers::new(
             Some(Arc::clone(&queue)),
-            // Running events count against their partition until they finish, and a stuck function
-            // may hold up to `max_in_flight` of them in one partition; the budget is twice that
-            // and more, so that once only stuck events remain the partition is under half and
-            // resumes (at `max_in_flight` it could stay paused for good, holding back every other
-            // function's events behind it).
+            // Running events count against their partition's records until they finish, and a
+            // stuck function may hold up to `max_in_flight` of them in one partition; the budget
+            // is twice that and more, so that once only stuck events remain the partition is
+            // under half and resumes (at `max_in_flight` it could stay paused for good, holding
+            // back every other function's events behind it). Their bytes stop counting once they
+            // start (`Partition::started`), for the same reason: the bytes budget bounds what
+            // waits.
             Budget {
                 records: 2 * self.cfg.max_in_flight.max(1) + 2,
                 bytes: QUEUE_PARTITION_BYTES,
@@ -412,6 +415,9 @@ impl AsyncPoller {
                 () = cancel.cancelled() => break,
                 s = Arc::clone(&slots).acquire_owned() => match s { Ok(s) => s, Err(_) => break },
             };
+            // Running, it is bounded by the slots: its bytes stop counting against the partition,
+            // so a slow function's running events never keep the partition paused.
+            part.started(item.offset);
             let me = self.clone();
             let part = part.clone();
             let fair = Arc::clone(&fair);
