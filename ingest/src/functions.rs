@@ -44,6 +44,7 @@ pub(crate) fn configuration(state: &ApiState, f: &Versioned<FunctionConfig>) -> 
         "LastUpdateStatus": "Successful",
         "PackageType": "Zip",
         "Architectures": ["x86_64"],
+        "EphemeralStorage": { "Size": c.ephemeral_storage_mb() },
     });
     if let Some(role) = &c.role {
         v["Role"] = json!(role);

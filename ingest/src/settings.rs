@@ -150,6 +150,7 @@ struct UpdateConfiguration {
     runtime: Option<String>,
     description: Option<String>,
     role: Option<String>,
+    ephemeral_storage: Option<sluice_core::model::EphemeralStorage>,
     revision_id: Option<String>,
 }
 
@@ -183,6 +184,9 @@ pub(crate) async fn update_configuration(
     }
     if let Some(v) = req.role {
         f.role = Some(v);
+    }
+    if let Some(v) = req.ephemeral_storage {
+        f.ephemeral_storage = Some(v);
     }
     write_function(&state, f, expect).await
 }

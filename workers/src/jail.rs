@@ -44,7 +44,8 @@ pub struct JailConfig {
     pub uid_count: u32,
     /// Name servers in each sandbox's `/etc/resolv.conf`.
     pub nameservers: Vec<std::net::IpAddr>,
-    /// Size of each sandbox's `/tmp`, MiB (Lambda's default ephemeral storage is 512).
+    /// Largest `/tmp` a sandbox may have, MiB: each gets its function's EphemeralStorage
+    /// (512–10240, default 512), capped here.
     pub tmp_size_mb: u64,
     /// Install the seccomp filter.
     pub seccomp: bool,
@@ -71,7 +72,7 @@ impl JailConfig {
             nameservers: host_nameservers(
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             ),
-            tmp_size_mb: 512,
+            tmp_size_mb: 10_240,
             seccomp: true,
             cgroups: CgroupMode::detect(),
             min_cpu_millicores: 250,
@@ -230,14 +231,17 @@ impl SandboxBackend for JailBackend {
             task_dir: spec.task_dir.clone(),
             ro_binds: self.config.ro_binds.clone(),
             cgroup_procs: cgroup.as_ref().map(Cgroup::procs_files).unwrap_or_default(),
-            tmp_size_mb: self.config.tmp_size_mb,
+            // The function's EphemeralStorage, never more than the host allows.
+            tmp_size_mb: spec.ephemeral_storage_mb.min(self.config.tmp_size_mb),
             nameservers: self.config.nameservers.clone(),
             rlimits: Rlimits {
                 nofile: 1024,
                 // Without a memory cgroup the address-space limit is the only memory bound; it is
                 // looser (it counts mappings, not use), so give it headroom over the function's memory.
                 address_space_bytes: cgroup.is_none().then_some(memory_bytes * 4 + (1 << 30)),
-                file_size_bytes: self.config.tmp_size_mb * 1024 * 1024,
+                file_size_bytes: spec.ephemeral_storage_mb.min(self.config.tmp_size_mb)
+                    * 1024
+                    * 1024,
                 processes: MAX_PROCESSES,
             },
             seccomp: self.config.seccomp,

@@ -31,6 +31,8 @@ pub struct FunctionSpec {
     pub arn: String,
     /// Region.
     pub region: String,
+    /// Size of the function's `/tmp`, MiB (Lambda's EphemeralStorage, default 512).
+    pub ephemeral_storage_mb: u64,
 }
 
 impl FunctionSpec {
@@ -47,6 +49,7 @@ impl FunctionSpec {
             handler: "bootstrap".into(),
             arn: format!("arn:aws:lambda:us-east-1:000000000000:function:{name}"),
             region: "us-east-1".into(),
+            ephemeral_storage_mb: 512,
         }
     }
 }

@@ -285,6 +285,7 @@ impl WorkerService {
             handler: c.handler.clone(),
             arn: self.inner.account.function_arn(&c.function_name),
             region: self.inner.account.region.clone(),
+            ephemeral_storage_mb: u64::try_from(c.ephemeral_storage_mb()).unwrap_or(512),
         })
     }
 

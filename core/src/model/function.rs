@@ -44,7 +44,22 @@ pub struct FunctionConfig {
     /// Accepted for compatibility with Lambda tooling; Sluice does not use IAM roles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// The size of the function's `/tmp`, in MiB: 512–10240, default 512 (Lambda's
+    /// EphemeralStorage). Writes past it fail with ENOSPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_storage: Option<EphemeralStorage>,
 }
+
+/// Lambda's `EphemeralStorage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EphemeralStorage {
+    /// MiB of `/tmp`: 512–10240.
+    pub size: i64,
+}
+
+/// Lambda's default `/tmp` size, MiB.
+pub const DEFAULT_EPHEMERAL_STORAGE_MB: i64 = 512;
 
 /// Where a function's code is. Exactly one of the fields is set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,7 +125,15 @@ impl FunctionConfig {
             runtime: default_runtime(),
             description: String::new(),
             role: None,
+            ephemeral_storage: None,
         }
+    }
+
+    /// The size of the function's `/tmp`, MiB (the default when none is set).
+    #[must_use]
+    pub fn ephemeral_storage_mb(&self) -> i64 {
+        self.ephemeral_storage
+            .map_or(DEFAULT_EPHEMERAL_STORAGE_MB, |e| e.size)
     }
 }
 
@@ -162,6 +185,9 @@ impl Validate for FunctionConfig {
         }
         v.range("MemorySize", self.memory_size, 128, 10_240);
         v.range("Timeout", self.timeout, 1, 900);
+        if let Some(e) = self.ephemeral_storage {
+            v.range("EphemeralStorage.Size", e.size, 512, 10_240);
+        }
         if let Some(r) = self.reserved_concurrent_executions {
             v.range("ReservedConcurrentExecutions", r, 0, 100_000);
         }

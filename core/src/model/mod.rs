@@ -10,7 +10,10 @@ mod mapping;
 mod provisioned;
 mod validate;
 
-pub use function::{Environment, FunctionCode, FunctionConfig, StoredCode, MAX_FUNCTION_NAME_LEN};
+pub use function::{
+    Environment, EphemeralStorage, FunctionCode, FunctionConfig, StoredCode,
+    DEFAULT_EPHEMERAL_STORAGE_MB, MAX_FUNCTION_NAME_LEN,
+};
 pub use invoke_config::{Destination, DestinationConfig, EventInvokeConfig, KafkaTopicUri};
 pub use mapping::{
     EventSourceMappingConfig, EventSourceMappingState, Filter, FilterCriteria,

@@ -3,6 +3,7 @@
 //! - `echo`: return the event; `log`: print a line to stdout and stderr, then return;
 //! - `error`: return a function error; `sleep`: wait `ms` milliseconds, then return the event;
 //! - `stamp`: return the time the handler started (`started_ms`, Unix ms);
+//! - `tmp`: report the size of `/tmp` (`tmp_mb`, the function's EphemeralStorage);
 //! - `exit`: exit the process mid-invocation;
 //! - `hang`: never answer;
 //! - `hog`: allocate and touch `mb` MiB (default 1024);
@@ -33,6 +34,12 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
             Ok(p)
         }
         "error" => Err("the function failed on purpose".into()),
+        "tmp" => {
+            // The size of /tmp as the function sees it (its EphemeralStorage).
+            let st = nix::sys::statvfs::statvfs("/tmp")?;
+            let bytes = st.blocks() as u64 * st.fragment_size() as u64;
+            Ok(json!({ "tmp_mb": bytes / (1024 * 1024) }))
+        }
         "stamp" => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
