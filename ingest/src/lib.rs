@@ -158,3 +158,21 @@ pub fn router(state: ApiState) -> Router {
         ))
         .with_state(state)
 }
+
+/// The front end's starter: serves `app` (the Lambda API of [`router`], merged by the caller with
+/// whatever else the node serves on the same address, e.g. `/metrics`) on `listener` until
+/// `cancel`, then finishes the requests in progress. Runs on `tracker`.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    cancel: tokio_util::sync::CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) {
+    let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
+    tracker.spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
+}

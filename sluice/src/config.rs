@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use clap::{Args, Command};
 
-use crate::node::{NodeArgs, Role};
+use crate::node::{NodeConfig, Role};
 
 /// The config file's variable.
 pub const CONFIG_ENV: &str = "SLUICE_CONFIG";
@@ -67,7 +67,7 @@ pub enum ConfigError {
 
 /// The settings of `sluice node`: long flag → environment variable.
 fn settings() -> BTreeMap<String, String> {
-    let cmd = NodeArgs::augment_args(Command::new("node"));
+    let cmd = NodeConfig::augment_args(Command::new("node"));
     cmd.get_arguments()
         .filter_map(|a| {
             let long = a.get_long()?.to_owned();
@@ -206,7 +206,7 @@ fn at_least(long: &str, value: Duration, min: Duration) -> Result<(), ConfigErro
 ///
 /// # Errors
 /// [`ConfigError::Invalid`] naming the first setting out of bounds, the bound and the value.
-pub fn validate(args: &NodeArgs) -> Result<(), ConfigError> {
+pub fn validate(args: &NodeConfig) -> Result<(), ConfigError> {
     if args.roles.is_empty() {
         return Err(ConfigError::Invalid(format!(
             "{} needs at least one of frontend, poller, worker",
@@ -297,10 +297,10 @@ mod tests {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        node: NodeArgs,
+        node: NodeConfig,
     }
 
-    fn parse(args: &[&str]) -> NodeArgs {
+    fn parse(args: &[&str]) -> NodeConfig {
         Cli::try_parse_from(std::iter::once("node").chain(args.iter().copied()))
             .expect("parse")
             .node

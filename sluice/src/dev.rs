@@ -8,13 +8,13 @@ use anyhow::Context;
 use clap::{Args, Parser};
 use tracing::info;
 
-use crate::node::{self, NodeArgs, Role};
+use crate::node::{self, NodeConfig, Role};
 
 /// `sluice node`'s settings with their defaults.
 #[derive(Parser)]
 struct NodeDefaults {
     #[command(flatten)]
-    node: NodeArgs,
+    node: NodeConfig,
 }
 use crate::services::{self, Service};
 

@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node: the Lambda-compatible API, pollers and workers, by role.
-    Node(Box<node::NodeArgs>),
+    Node(Box<node::NodeConfig>),
     /// Run everything on this machine: start Kafka (tansu) and Redis if they are not reachable,
     /// then a node with every role. Ctrl-C stops what it started.
     Dev(dev::DevArgs),

@@ -16,16 +16,15 @@ use sluice_core::kafka::KafkaSettings;
 use sluice_core::store::{ConfigStore, ConfigStoreConfig};
 use sluice_destinations::DestinationWriter;
 use sluice_fleet::invoker::{AccountIdentity, ClusterInvoker, ClusterParts};
-use sluice_fleet::member::WorkerNode;
 use sluice_fleet::registry::WorkerRegistry;
+use sluice_fleet::role::{start_worker as start_worker_role, WorkerRoleConfig, WorkerRoleParts};
 use sluice_fleet::worker_manager::IdleIndex;
 use sluice_ingest::{AccountSettings, ApiState};
 use sluice_leasing::ConcurrencyCounter;
 use sluice_pollers::async_poller::{AsyncPoller, AsyncPollerConfig};
 use sluice_pollers::stream::{StreamConfig, StreamTracker};
-use sluice_workers::server;
 use sluice_workers::service::WorkerService;
-use sluice_workers::{Pool, PoolConfig};
+use sluice_workers::PoolConfig;
 
 use crate::worker::{self, SandboxKind};
 use tokio_util::sync::CancellationToken;
@@ -43,9 +42,11 @@ pub enum Role {
     Worker,
 }
 
-/// Options of `sluice node`.
+/// A node's configuration: every setting of `sluice node`, from its flag, its `SLUICE_*`
+/// variable or its key in the `--config` file (see `crate::config`), checked by
+/// `crate::config::validate` before anything starts. Every path the node writes comes from here.
 #[derive(Debug, Clone, Args)]
-pub struct NodeArgs {
+pub struct NodeConfig {
     /// Kafka bootstrap servers (any Kafka-compatible cluster).
     #[arg(long, env = "SLUICE_KAFKA", default_value = "127.0.0.1:9092")]
     pub kafka: String,
@@ -191,7 +192,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-impl NodeArgs {
+impl NodeConfig {
     /// The run directory: `--run-dir`, or `/run/sluice/<node id>`.
     #[must_use]
     pub fn run_dir(&self, node_id: &str) -> std::path::PathBuf {
@@ -210,7 +211,7 @@ impl NodeArgs {
     }
 }
 
-pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+pub async fn run(args: NodeConfig) -> anyhow::Result<()> {
     init_tracing();
     crate::config::validate(&args)?;
     let stages = Stages::default();
@@ -314,7 +315,7 @@ pub async fn wait_for_signal() {
 }
 
 /// Starts the node's roles, each task in its shutdown stage (see [`Stages`]).
-pub async fn start(args: &NodeArgs, stages: &Stages) -> anyhow::Result<()> {
+pub async fn start(args: &NodeConfig, stages: &Stages) -> anyhow::Result<()> {
     let node_id = args.node_id();
     let metrics = PrometheusBuilder::new()
         .install_recorder()
@@ -493,7 +494,6 @@ pub async fn start(args: &NodeArgs, stages: &Stages) -> anyhow::Result<()> {
         };
         app = sluice_ingest::router(state).merge(app);
     }
-    let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| {
@@ -503,20 +503,19 @@ pub async fn start(args: &NodeArgs, stages: &Stages) -> anyhow::Result<()> {
             )
         })?;
     info!(addr = %args.api, lambda_api = args.roles.contains(&Role::Frontend), "API listening");
-    let cancel = stages.intake.cancel.clone();
-    stages.intake.tasks.spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "API server stopped");
-        }
-    });
+    sluice_ingest::serve(
+        listener,
+        app,
+        stages.intake.cancel.clone(),
+        &stages.intake.tasks,
+    );
     Ok(())
 }
 
-/// Starts the worker role: the pool, the worker API, the registry heartbeat, the idle-index
-/// sync and the provisioned-concurrency reconciler. Returns the service for local invokes.
+/// Starts the worker role (`sluice_fleet::role`) with this node's settings; the code cache's
+/// directory is locked for the node's life.
 async fn start_worker(
-    args: &NodeArgs,
+    args: &NodeConfig,
     node_id: &str,
     pool_config: PoolConfig,
     (store, kafka, identity): (&ConfigStore, &KafkaSettings, &AccountIdentity),
@@ -534,65 +533,27 @@ async fn start_worker(
         held.cancelled().await;
         drop(cache_lock);
     });
-    let backend = worker::backend(args.sandbox, &args.run_dir(node_id))?;
-    let (events_tx, events_rx) = tokio::sync::mpsc::channel(4096);
-    let pool = Pool::new(backend, pool_config, None).with_events(events_tx);
-    tracker.spawn(pool.clone().run_reaper(cancel.child_token()));
-    let service = WorkerService::with_code_cache(
-        node_id.to_owned(),
-        pool,
-        store.clone(),
-        identity.clone(),
-        Some((
-            kafka.clone(),
-            sluice_core::code::CodeCache::new(
-                &args.code_cache_dir,
-                args.code_cache_max_mb.saturating_mul(1024 * 1024),
-            ),
-        )),
-    );
-    let listener = tokio::net::TcpListener::bind(args.worker_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "listen on {} for the worker API (pass --worker-listen)",
-                args.worker_listen
-            )
-        })?;
-    let bound = listener.local_addr().context("the worker API's address")?;
-    let addr = match &args.worker_advertise {
-        Some(a) => a.clone(),
-        None if bound.ip().is_unspecified() => anyhow::bail!(
-            "--worker-listen {} binds every interface, which is not an address other nodes can \
-             use: pass --worker-advertise HOST:PORT as they should reach this node",
-            args.worker_listen
+    let cfg = WorkerRoleConfig {
+        node_id: node_id.to_owned(),
+        backend: worker::backend(args.sandbox, &args.run_dir(node_id))?,
+        pool: pool_config,
+        code_cache: sluice_core::code::CodeCache::new(
+            &args.code_cache_dir,
+            args.code_cache_max_mb.saturating_mul(1024 * 1024),
         ),
-        None => bound.to_string(),
+        listen: args.worker_listen,
+        advertise: args.worker_advertise.clone(),
+        token: args.worker_token.clone(),
+        ttl: args.worker_ttl,
     };
-    info!(listen = %bound, advertise = %addr, "worker API listening");
-    let app = server::router(service.clone(), args.worker_token.clone());
-    let stop = cancel.clone();
-    tracker.spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "worker API stopped");
-        }
-    });
-    let node = WorkerNode::new(service.clone(), registry.clone(), index.clone(), addr);
-    node.heartbeat()
-        .await
-        .context("register this worker in Redis")?;
-    tracker.spawn(
-        node.clone()
-            .run_heartbeat(args.worker_ttl / 5, cancel.child_token()),
-    );
-    tracker.spawn(node.clone().run_index_sync(
-        events_rx,
-        Duration::from_secs(1),
-        cancel.child_token(),
-    ));
-    tracker.spawn(node.run_provisioned(Duration::from_secs(1), cancel.child_token()));
-    Ok(service)
+    let parts = WorkerRoleParts {
+        store,
+        kafka,
+        identity,
+        registry,
+        index,
+    };
+    Ok(start_worker_role(cfg, parts, cancel, tracker).await?)
 }
 
 /// Creates `dir` and takes an exclusive lock on `<dir>/.lock` for this process, so that two

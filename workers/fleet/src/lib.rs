@@ -15,6 +15,7 @@
 //! - [`client`]: the client of the worker API (`sluice_workers::server`).
 //! - [`invoker`]: [`invoker::ClusterInvoker`], the front end's and pollers' way to run a
 //!   function anywhere in the fleet (concurrency slot → warm claim → placement → worker).
+//! - [`role`]: the worker role's starter, which a node calls to join the fleet as a worker.
 //!
 //! Threading: everything here is async on the node's tokio runtime; Redis is reached through
 //! `ConnectionManager`s, the worker API through a keep-alive HTTP/1.1 client.
@@ -26,4 +27,5 @@ pub mod member;
 pub mod placement;
 pub mod provisioned;
 pub mod registry;
+pub mod role;
 pub mod worker_manager;
