@@ -65,6 +65,17 @@ impl OffsetTracker {
         self.committed
     }
 
+    /// Where processing would resume now (read-only): the lowest unfinished record, else one
+    /// past the highest seen, else the offset the ownership resumed at.
+    #[must_use]
+    pub fn position(&self) -> Option<i64> {
+        self.in_flight
+            .first()
+            .copied()
+            .or(self.next)
+            .or(self.committed)
+    }
+
     /// Records in flight.
     #[must_use]
     pub fn in_flight(&self) -> usize {
@@ -125,5 +136,20 @@ mod tests {
     #[test]
     fn nothing_to_commit_before_any_record() {
         assert_eq!(OffsetTracker::default().commit_point(), None);
+    }
+
+    #[test]
+    fn the_position_is_the_lowest_unfinished_record_or_the_next_one() {
+        let mut t = OffsetTracker::default();
+        assert_eq!(t.position(), None);
+        t.resume_at(7);
+        assert_eq!(t.position(), Some(7), "the resume point before any record");
+        t.start(7);
+        t.start(8);
+        t.finish(8);
+        assert_eq!(t.position(), Some(7));
+        t.finish(7);
+        assert_eq!(t.position(), Some(9));
+        assert_eq!(t.last_commit(), Some(7), "reading it commits nothing");
     }
 }

@@ -22,7 +22,7 @@
 //! Threading: the receive loop and the workers are tokio tasks; blocking librdkafka calls (sync
 //! commits, metadata, watermarks) run on the blocking pool.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -41,9 +41,15 @@ use crate::offsets::OffsetTracker;
 /// A topic partition.
 pub(crate) type Tp = (String, i32);
 
-/// How often a commit that has not changed is sent again, so that Kafka never expires the
-/// group's offsets of a quiet partition (`offsets.retention.minutes`, 7 days by default).
+/// How often, by default, a commit that has not changed is sent again, so that Kafka never
+/// expires the group's offsets of a quiet partition (`offsets.retention.minutes`, 7 days by
+/// default). The pollers' `commit_refresh` setting.
 pub(crate) const COMMIT_REFRESH: Duration = Duration::from_secs(3600);
+
+/// How often the offset lag of the owned partitions is read from the brokers.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+/// How long one partition's watermarks may take to read.
+const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Shutdown deadlines, each shorter than the node's 10 s for all its tasks: drain (the plug-in's
 /// `RunConfig::drain`, at most 5 s), then the final commit, then the lease releases.
@@ -96,6 +102,23 @@ enum Flow {
     Resume,
 }
 
+/// A partition's commit that is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// The commit point moved to this offset.
+    Moved(i64),
+    /// Nothing moved; this (the last commit) is sent again before Kafka expires it.
+    Refresh(i64),
+}
+
+impl Due {
+    fn offset(self) -> i64 {
+        match self {
+            Due::Moved(o) | Due::Refresh(o) => o,
+        }
+    }
+}
+
 impl Buffer {
     /// Tracks a fetched record of `bytes`; `None` when it was fetched before (librdkafka
     /// re-fetches from the application's position after a resume).
@@ -132,6 +155,25 @@ impl Buffer {
         }
     }
 
+    /// What to commit at `now`, given the last commit at `committed_at` (updated when something
+    /// is due): the commit point when it moved, else the last one again once `refresh` has
+    /// passed since, so that Kafka does not expire a quiet partition's offset.
+    fn due_commit(
+        &mut self,
+        committed_at: &mut Option<Instant>,
+        now: Instant,
+        refresh: Duration,
+    ) -> Option<Due> {
+        let stale = committed_at.is_none_or(|at| now.duration_since(at) >= refresh);
+        let due = match self.tracker.commit_point() {
+            Some(p) => Due::Moved(p),
+            None if stale => Due::Refresh(self.tracker.last_commit()?),
+            None => return None,
+        };
+        *committed_at = Some(now);
+        Some(due)
+    }
+
     fn resume_under_half(&mut self, budget: Budget) -> Flow {
         if self.paused && budget.under_half(self.tracker.in_flight(), self.bytes) {
             self.paused = false;
@@ -147,6 +189,10 @@ pub(crate) struct Trackers {
     pub(crate) by_partition: HashMap<Tp, Owned>,
     epoch: u64,
     budget: Budget,
+    /// How often an unchanged commit is sent again.
+    commit_refresh: Duration,
+    /// The `source` label of the metrics.
+    source: String,
     /// Pauses and resumes partitions (none in unit tests).
     consumer: Option<Arc<StreamConsumer>>,
 }
@@ -162,12 +208,20 @@ pub(crate) struct Owned {
 }
 
 impl Trackers {
-    /// Trackers that pause `consumer`'s partitions when they go over `budget`.
-    pub(crate) fn new(consumer: Option<Arc<StreamConsumer>>, budget: Budget) -> Self {
+    /// Trackers of the consume loop `source` that pause `consumer`'s partitions when they go
+    /// over `budget`, and send an unchanged commit again every `commit_refresh`.
+    pub(crate) fn new(
+        source: &str,
+        consumer: Option<Arc<StreamConsumer>>,
+        budget: Budget,
+        commit_refresh: Duration,
+    ) -> Self {
         Self {
             by_partition: HashMap::new(),
             epoch: 0,
             budget,
+            commit_refresh,
+            source: source.to_owned(),
             consumer,
         }
     }
@@ -268,9 +322,24 @@ impl Trackers {
             .is_some_and(|o| o.epoch == epoch && o.lease.is_valid())
     }
 
-    /// Bytes fetched and not finished, over every owned partition.
-    pub(crate) fn buffered_bytes(&self) -> usize {
-        self.by_partition.values().map(|o| o.buffer.bytes).sum()
+    /// What the owned partitions hold: bytes counted against their budgets, records fetched and
+    /// not finished, and partitions paused.
+    fn buffered(&self) -> Buffered {
+        let mut b = Buffered::default();
+        for o in self.by_partition.values() {
+            b.bytes += o.buffer.bytes;
+            b.records += o.buffer.tracker.in_flight();
+            b.paused += usize::from(o.buffer.paused);
+        }
+        b
+    }
+
+    /// Where each owned partition would resume now (see [`OffsetTracker::position`]).
+    fn positions(&self) -> Vec<(Tp, Option<i64>)> {
+        self.by_partition
+            .iter()
+            .map(|(tp, o)| (tp.clone(), o.buffer.tracker.position()))
+            .collect()
     }
 
     /// The highest finished offset of every owned partition.
@@ -281,12 +350,14 @@ impl Trackers {
             .collect()
     }
 
-    /// Offsets to commit: what moved, and what has not been committed for [`COMMIT_REFRESH`].
-    /// Only partitions whose lease stays valid for a while yet: a holder that lost its lease (or
-    /// is about to) must not move the group's offsets.
+    /// Offsets to commit: what moved, and what has not been committed for the refresh interval
+    /// (counted in `sluice_poller_commit_refreshes_total`). Only partitions whose lease stays
+    /// valid for a while yet: a holder that lost its lease (or is about to) must not move the
+    /// group's offsets.
     pub(crate) fn commit_list(&mut self, only: Option<&Tp>) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         let now = Instant::now();
+        let mut refreshes = 0u64;
         for ((topic, partition), o) in &mut self.by_partition {
             if only.is_some_and(|t| t.0 != *topic || t.1 != *partition) {
                 continue;
@@ -296,21 +367,28 @@ impl Trackers {
             {
                 continue;
             }
-            let stale = o
-                .committed_at
-                .is_none_or(|at| now.duration_since(at) >= COMMIT_REFRESH);
-            let point = match o.buffer.tracker.commit_point() {
-                Some(p) => Some(p),
-                None if stale => o.buffer.tracker.last_commit(),
-                None => None,
-            };
-            if let Some(point) = point {
-                o.committed_at = Some(now);
-                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(point));
+            if let Some(due) = o
+                .buffer
+                .due_commit(&mut o.committed_at, now, self.commit_refresh)
+            {
+                refreshes += u64::from(matches!(due, Due::Refresh(_)));
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(due.offset()));
             }
+        }
+        if refreshes > 0 {
+            metrics::counter!("sluice_poller_commit_refreshes_total", "source" => self.source.clone())
+                .increment(refreshes);
         }
         tpl
     }
+}
+
+/// What a consume loop's owned partitions hold (see [`Trackers::buffered`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Buffered {
+    bytes: usize,
+    records: usize,
+    paused: usize,
 }
 
 fn one(tp: &Tp, offset: Offset) -> TopicPartitionList {
@@ -430,6 +508,12 @@ pub(crate) async fn run<T, D, W, Fut>(
         cancel.clone(),
         cfg.name.clone(),
     ));
+    let lag = tokio::spawn(lag_loop(
+        Arc::clone(&consumer),
+        Arc::clone(&trackers),
+        cancel.clone(),
+        cfg.name.clone(),
+    ));
     let mut inboxes: HashMap<Tp, Inbox<T>> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -502,6 +586,7 @@ pub(crate) async fn run<T, D, W, Fut>(
         tracing::warn!(source = %cfg.name, "records still in flight at shutdown; they will be redelivered");
     }
     committer.abort();
+    lag.abort();
     if let Err(e) = commit_blocking(&consumer, &trackers, None).await {
         tracing::warn!(source = %cfg.name, error = %e, "final offset commit failed; records since the last commit will be redelivered");
     }
@@ -521,10 +606,14 @@ async fn commit_loop(
         }
         let (tpl, buffered) = {
             let mut t = lock(&trackers);
-            (t.commit_list(None), t.buffered_bytes())
+            (t.commit_list(None), t.buffered())
         };
         metrics::gauge!("sluice_poller_buffered_bytes", "source" => name.clone())
-            .set(buffered as f64);
+            .set(buffered.bytes as f64);
+        metrics::gauge!("sluice_poller_buffered_records", "source" => name.clone())
+            .set(buffered.records as f64);
+        metrics::gauge!("sluice_poller_paused_partitions", "source" => name.clone())
+            .set(buffered.paused as f64);
         if tpl.count() == 0 {
             continue;
         }
@@ -533,6 +622,61 @@ async fn commit_loop(
             tracing::warn!(source = %name, error = %e, "offset commit failed; will retry");
         }
     }
+}
+
+/// Every [`LAG_EVERY`] sets `sluice_poller_offset_lag_records{source,topic,partition}` of each
+/// owned partition: its high watermark minus where it would resume now (the lowest unfinished
+/// record, else the next offset). Watermarks are blocking reads, made on the blocking pool one
+/// round at a time; a partition this node no longer owns is set to 0 (its owner reports it).
+async fn lag_loop(
+    consumer: Arc<StreamConsumer>,
+    trackers: Arc<Mutex<Trackers>>,
+    cancel: CancellationToken,
+    source: String,
+) {
+    let mut reported: HashSet<Tp> = HashSet::new();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(LAG_EVERY) => {}
+        }
+        let positions = lock(&trackers).positions();
+        let c = Arc::clone(&consumer);
+        let read = tokio::task::spawn_blocking(move || {
+            positions
+                .into_iter()
+                .filter_map(|(tp, position)| {
+                    let (low, high) = c.fetch_watermarks(&tp.0, tp.1, WATERMARKS_TIMEOUT).ok()?;
+                    // Records before the low watermark are gone: a restart reads from it.
+                    let from = position.map_or(low, |p| p.max(low));
+                    Some((tp, (high - from).max(0)))
+                })
+                .collect::<Vec<_>>()
+        });
+        let Ok(lags) = read.await else { continue };
+        for (tp, lag) in lags {
+            set_lag(&source, &tp, lag);
+            reported.insert(tp);
+        }
+        let owned: HashSet<Tp> = lock(&trackers).by_partition.keys().cloned().collect();
+        reported.retain(|tp| {
+            let keep = owned.contains(tp);
+            if !keep {
+                set_lag(&source, tp, 0);
+            }
+            keep
+        });
+    }
+}
+
+fn set_lag(source: &str, tp: &Tp, lag: i64) {
+    metrics::gauge!(
+        "sluice_poller_offset_lag_records",
+        "source" => source.to_owned(),
+        "topic" => tp.0.clone(),
+        "partition" => tp.1.to_string()
+    )
+    .set(lag as f64);
 }
 
 /// Commits what is finished (of `only`, or of every owned partition) synchronously, on the
@@ -642,5 +786,51 @@ mod tests {
         assert_eq!(b.start(5, KB, budget()), None);
         assert_eq!(b.start(4, KB, budget()), None);
         assert_eq!(b.bytes, KB);
+    }
+
+    #[test]
+    fn an_idle_partitions_commit_is_sent_again_once_the_refresh_interval_passed() {
+        let refresh = Duration::from_secs(2);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut b = Buffer::default();
+        b.tracker.resume_at(42);
+        let mut committed_at = Some(t0);
+        assert_eq!(b.due_commit(&mut committed_at, at(1000), refresh), None);
+        assert_eq!(
+            b.due_commit(&mut committed_at, at(2000), refresh),
+            Some(Due::Refresh(42))
+        );
+        assert_eq!(
+            b.due_commit(&mut committed_at, at(3500), refresh),
+            None,
+            "2 s from the refresh"
+        );
+        assert_eq!(
+            b.due_commit(&mut committed_at, at(4000), refresh),
+            Some(Due::Refresh(42))
+        );
+        b.start(42, KB, budget());
+        b.finish(42, budget());
+        assert_eq!(
+            b.due_commit(&mut committed_at, at(4500), refresh),
+            Some(Due::Moved(43)),
+            "a move is not a refresh"
+        );
+        assert_eq!(b.due_commit(&mut committed_at, at(6000), refresh), None);
+        assert_eq!(
+            b.due_commit(&mut committed_at, at(6500), refresh),
+            Some(Due::Refresh(43))
+        );
+    }
+
+    #[test]
+    fn a_partition_with_nothing_committed_has_no_refresh() {
+        let mut b = Buffer::default();
+        let mut committed_at = None;
+        assert_eq!(
+            b.due_commit(&mut committed_at, Instant::now(), Duration::ZERO),
+            None
+        );
     }
 }

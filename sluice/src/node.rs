@@ -111,6 +111,12 @@ pub struct NodeConfig {
     /// Longest back-off of a throttled async event.
     #[arg(long, env = "SLUICE_THROTTLE_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
     pub throttle_backoff_max: Duration,
+    /// How often, in seconds, the pollers send a partition's unchanged committed offset again,
+    /// so that Kafka never expires a quiet consumer group's offsets (`offsets.retention.minutes`,
+    /// 7 days by default). Hidden from `--help`: only tests need it shorter than the hour.
+    #[arg(long, env = "SLUICE_COMMIT_REFRESH_SECS", default_value_t = 3600, hide = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub commit_refresh_secs: u64,
     /// Address the worker API listens on (worker role): other nodes send invocations there.
     /// Port 0 picks a free port. Use a routable address when nodes run on different hosts.
     #[arg(long, env = "SLUICE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
@@ -365,6 +371,7 @@ pub async fn start(args: &NodeConfig, stages: &Stages) -> anyhow::Result<()> {
         throttle_backoff_max: args.throttle_backoff_max,
         lease_ttl: args.lease_ttl,
         redis_prefix: args.redis_prefix.clone(),
+        commit_refresh: Duration::from_secs(args.commit_refresh_secs),
         ..AsyncPollerConfig::new(&args.topic_prefix, &account.function_arn(""))
     };
 
@@ -464,7 +471,8 @@ pub async fn start(args: &NodeConfig, stages: &Stages) -> anyhow::Result<()> {
             Arc::clone(&invoker),
             DestinationWriter::new(kafka.clone(), events.producer().clone(), 1),
             redis.clone(),
-        );
+        )
+        .with_commit_refresh(Duration::from_secs(args.commit_refresh_secs));
         stages
             .intake
             .tasks

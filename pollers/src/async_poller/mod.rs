@@ -88,6 +88,10 @@ pub struct AsyncPollerConfig {
     pub lease_ttl: Duration,
     /// Prefix of the poller's Redis keys.
     pub redis_prefix: String,
+    /// How often a partition's unchanged commit is sent again, so that Kafka never expires the
+    /// group's offsets of a quiet partition (default 1 h; `offsets.retention.minutes` is 7 days
+    /// by default).
+    pub commit_refresh: Duration,
 }
 
 impl AsyncPollerConfig {
@@ -109,6 +113,7 @@ impl AsyncPollerConfig {
             function_arn_prefix: function_arn_prefix.to_owned(),
             lease_ttl: Duration::from_secs(10),
             redis_prefix: "sluice:".to_owned(),
+            commit_refresh: runtime::COMMIT_REFRESH,
         }
     }
 
@@ -184,6 +189,10 @@ enum Next {
 /// Bytes of queue events one partition holds between fetch and the start of their run (running
 /// ones are bounded by `max_in_flight`).
 const QUEUE_PARTITION_BYTES: usize = 32 * 1024 * 1024;
+/// The queue loop's `source` label (and name in logs).
+const QUEUE_SOURCE: &str = "async-queue";
+/// The delay loop's `source` label (and name in logs).
+const DELAY_SOURCE: &str = "async-delay";
 /// Bytes of delayed events one delay partition holds in memory.
 const DELAY_PARTITION_BYTES: usize = 8 * 1024 * 1024;
 /// Shutdown: how long events in flight may finish (the node allows all its tasks 10 s; the
@@ -298,6 +307,7 @@ impl AsyncPoller {
         self.ensure_topics().await?;
         let queue = self.consumer(&self.cfg.group_id)?;
         let queue_trackers = Arc::new(Mutex::new(Trackers::new(
+            QUEUE_SOURCE,
             Some(Arc::clone(&queue)),
             // Running events count against their partition's records until they finish, and a
             // stuck function may hold up to `max_in_flight` of them in one partition; the budget
@@ -310,6 +320,7 @@ impl AsyncPoller {
                 records: 2 * self.cfg.max_in_flight.max(1) + 2,
                 bytes: QUEUE_PARTITION_BYTES,
             },
+            self.cfg.commit_refresh,
         )));
         let queue_balancer = self.balancer(
             "async-queue",
@@ -325,11 +336,13 @@ impl AsyncPoller {
             .collect();
         let delay = self.consumer(&format!("{}-delay", self.cfg.group_id))?;
         let delay_trackers = Arc::new(Mutex::new(Trackers::new(
+            DELAY_SOURCE,
             Some(Arc::clone(&delay)),
             Budget {
                 records: self.cfg.max_delayed.max(1),
                 bytes: DELAY_PARTITION_BYTES,
             },
+            self.cfg.commit_refresh,
         )));
         let delay_balancer =
             self.balancer("async-delay", &delay, &delay_trackers, delay_topics.clone())?;
@@ -358,7 +371,7 @@ impl AsyncPoller {
             queue,
             queue_trackers,
             RunConfig {
-                name: "async-queue".into(),
+                name: QUEUE_SOURCE.into(),
                 commit_every: Duration::from_millis(500),
                 drain: QUEUE_DRAIN,
                 channel: self.cfg.max_in_flight.max(1),
@@ -381,7 +394,7 @@ impl AsyncPoller {
             delay,
             delay_trackers,
             RunConfig {
-                name: "async-delay".into(),
+                name: DELAY_SOURCE.into(),
                 commit_every: Duration::from_millis(500),
                 drain: DELAY_DRAIN,
                 channel: self.cfg.max_delayed.max(1),
@@ -720,7 +733,7 @@ impl AsyncPoller {
             }
             Decision::Abandoned => {
                 // A zombie (paused past its lease, or the partition moved): the new owner runs it.
-                metrics::counter!("sluice_poller_zombie_skips_total", "source" => "async-queue")
+                metrics::counter!("sluice_poller_zombie_skips_total", "source" => QUEUE_SOURCE)
                     .increment(1);
                 Next::Abandoned
             }

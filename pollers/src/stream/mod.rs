@@ -29,7 +29,8 @@ use std::time::Duration;
 pub use self::poller::StreamError;
 pub use self::tracker::StreamTracker;
 
-/// Settings shared by every mapping poller of a node.
+/// Settings shared by every mapping poller of a node. (How often an unchanged commit is sent
+/// again is [`StreamTracker::with_commit_refresh`].)
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
     /// This node's id (lease holder).

@@ -173,8 +173,10 @@ impl MappingPoller {
         let consumer = Arc::new(consumer);
         self.seed_offsets(&consumer, &topic).await;
         let trackers = Arc::new(Mutex::new(Trackers::new(
+            &uuid,
             Some(Arc::clone(&consumer)),
             partition_budget(cfg),
+            self.tracker.commit_refresh,
         )));
         let t = &self.tracker;
         let leaser = Leaser::new(

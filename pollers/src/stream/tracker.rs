@@ -25,6 +25,8 @@ pub struct StreamTracker {
     pub(super) invoker: Arc<dyn Invoker>,
     pub(super) destinations: DestinationWriter,
     pub(super) redis: ConnectionManager,
+    /// How often a partition's unchanged commit is sent again.
+    pub(super) commit_refresh: Duration,
 }
 
 struct Running {
@@ -51,7 +53,16 @@ impl StreamTracker {
             invoker,
             destinations,
             redis,
+            commit_refresh: crate::runtime::COMMIT_REFRESH,
         }
+    }
+
+    /// The same tracker with its mappings' unchanged commits sent again every `every` (default
+    /// 1 h), so that Kafka never expires the offsets of a quiet partition.
+    #[must_use]
+    pub fn with_commit_refresh(mut self, every: Duration) -> Self {
+        self.commit_refresh = every;
+        self
     }
 
     /// Keeps this node's mapping pollers in line with the configuration until `cancel`.
