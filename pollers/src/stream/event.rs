@@ -130,7 +130,9 @@ pub fn partial_failures<R: Borrow<Rec>>(response: &[u8], batch: &[R]) -> Partial
 }
 
 /// Lambda's Kafka-topic failure record for one record (§3.7 of the reference): batch metadata,
-/// the record itself as a one-record event, so it can be inspected and replayed.
+/// the record itself as a one-record event, so it can be inspected and replayed. The record's
+/// type is `sluice_destinations::StreamFailureRecord`, which `sluice destinations tail` and
+/// `sluice redrive` read back.
 #[must_use]
 #[allow(clippy::too_many_arguments)]
 pub fn failure_record(
@@ -142,32 +144,18 @@ pub fn failure_record(
     bootstrap_servers: &str,
     rec: &Rec,
     now_iso: &str,
-) -> Value {
-    let payload = kafka_event(bootstrap_servers, std::slice::from_ref(rec));
-    let response_context = error.map(|_| json!({ "statusCode": 200, "executedVersion": "$LATEST", "functionError": "Unhandled" }));
-    let error_payload: Option<Value> = error.map(|e| {
-        serde_json::from_slice(e)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(e).into_owned()))
-    });
-    json!({
-        "requestContext": {
-            "requestId": request_id,
-            "functionArn": format!("{function_arn}:$LATEST"),
-            "condition": condition,
-            "approximateInvokeCount": invoke_count,
-        },
-        "responseContext": response_context,
-        "responsePayload": error_payload,
-        "version": "1.0",
-        "timestamp": now_iso,
-        "KafkaBatchInfo": {
-            "batchSize": 1,
-            "bootstrapServers": bootstrap_servers,
-            "payloadSize": rec.encoded_size(),
-            "recordInfo": { "offset": rec.offset.to_string(), "timestamp": rec.timestamp_ms.to_string() },
-        },
-        "payload": payload,
-    })
+) -> sluice_destinations::StreamFailureRecord {
+    sluice_destinations::StreamFailureRecord::new(
+        request_id,
+        function_arn,
+        condition,
+        invoke_count,
+        error,
+        bootstrap_servers,
+        (rec.offset, rec.timestamp_ms, rec.encoded_size()),
+        kafka_event(bootstrap_servers, std::slice::from_ref(rec)),
+        now_iso,
+    )
 }
 
 #[cfg(test)]
@@ -238,6 +226,7 @@ mod tests {
             &rec(100),
             "2026-01-01T00:00:00.000Z",
         );
+        let f = serde_json::to_value(&f).expect("encode");
         assert_eq!(f["requestContext"]["condition"], "RetriesExhausted");
         assert_eq!(f["KafkaBatchInfo"]["recordInfo"]["offset"], "100");
         assert_eq!(
@@ -245,5 +234,8 @@ mod tests {
             "dGVzdC12YWx1ZQ=="
         );
         assert_eq!(f["responseContext"]["functionError"], "Unhandled");
+        let back: sluice_destinations::StreamFailureRecord =
+            serde_json::from_value(f).expect("the typed record reads it back");
+        assert_eq!(back.records().map(|r| r.len()), Some(1));
     }
 }

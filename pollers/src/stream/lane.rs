@@ -118,7 +118,8 @@ impl LaneIo for MappingCtx {
                 .write(
                     &topic.topic,
                     &key,
-                    value.to_string().as_bytes(),
+                    &serde_json::to_vec(&value)
+                        .expect("a failure record of strings and JSON values always encodes"),
                     &[("sluice-mapping", uuid)],
                 )
                 .await;
@@ -363,7 +364,8 @@ async fn deliver<'a, L: LaneIo>(
             function: s.config.function_name.clone(),
             request_id: uuid_like(),
             payload: event.to_string().into_bytes(),
-            trace_id: String::new(),
+            // Each invocation of a batch is its own trace, as Lambda starts one per invoke.
+            trace_id: sluice_core::invoke::new_trace_id(),
         });
         // A panic while invoking fails the batch like a function error (retries, bisection and
         // the on-failure destination apply) instead of killing the lane with its records in
