@@ -59,6 +59,8 @@ pub struct Invoked {
     pub duration: Duration,
     /// Whether a sandbox was booted for it.
     pub cold_start: bool,
+    /// Time to boot the sandbox, on a cold start (Lambda's Init Duration).
+    pub init_duration: Option<Duration>,
 }
 
 /// Why an invocation did not run. None of these is the function's fault.

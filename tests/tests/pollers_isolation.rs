@@ -171,6 +171,7 @@ impl Invoker for Scripted {
             result,
             duration: Duration::from_millis(1),
             cold_start: false,
+            init_duration: None,
         })
     }
 }

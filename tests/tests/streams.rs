@@ -84,6 +84,7 @@ impl Invoker for Recorder {
             result,
             duration: Duration::from_millis(1),
             cold_start: false,
+            init_duration: None,
         })
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_core::invoke::InvokeRequest;
+use sluice_core::invoke::{FunctionResult, InvokeRequest, Invoked};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +83,30 @@ pub struct Invocation {
     pub init_duration: Option<Duration>,
     /// Time in the function.
     pub duration: Duration,
+}
+
+impl Invocation {
+    /// The caller's view of it: the sandbox's outcome as Lambda reports it (a response, or a
+    /// function error of Lambda's type with its body), with the timings.
+    #[must_use]
+    pub fn into_invoked(self, request_id: &str) -> Invoked {
+        let result = match self.outcome {
+            InvokeOutcome::Response(p) => FunctionResult::Ok(p),
+            other => {
+                let (error_type, payload) = other.error(request_id).unwrap_or_default();
+                FunctionResult::Err {
+                    error_type,
+                    payload,
+                }
+            }
+        };
+        Invoked {
+            result,
+            duration: self.duration,
+            cold_start: self.cold_start,
+            init_duration: self.init_duration,
+        }
+    }
 }
 
 /// A function's configuration: name and store revision.

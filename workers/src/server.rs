@@ -118,6 +118,12 @@ async fn invoke(State(service): State<WorkerService>, headers: HeaderMap, body: 
                 "x-sluice-duration-us",
                 HeaderValue::from(u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX)),
             );
+            if let Some(init) = r.init_duration {
+                h.insert(
+                    "x-sluice-init-duration-us",
+                    HeaderValue::from(u64::try_from(init.as_micros()).unwrap_or(u64::MAX)),
+                );
+            }
             h.insert(
                 "x-sluice-cold-start",
                 HeaderValue::from_static(if r.cold_start { "true" } else { "false" }),

@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::code::CodeCache;
-use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest};
+use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest, Invoked};
 use sluice_core::kafka::KafkaSettings;
 use sluice_core::model::FunctionConfig;
 use sluice_core::store::{ConfigStore, Versioned};
 
 use crate::pool::{Pool, PoolError};
-use crate::sandbox::{FunctionSpec, InvokeOutcome};
+use crate::sandbox::FunctionSpec;
 
 /// How long a worker waits for its configuration view to reach the revision a caller saw.
 const VIEW_CATCH_UP: Duration = Duration::from_secs(3);
@@ -41,13 +41,13 @@ enum SpecError {
 }
 
 impl SpecError {
-    fn into_result(self, request_id: &str) -> Result<WorkerResult, InvokeError> {
+    fn into_result(self, request_id: &str) -> Result<Invoked, InvokeError> {
         match self {
             SpecError::Invoke(e) => Err(e),
             SpecError::Function {
                 error_type,
                 message,
-            } => Ok(WorkerResult {
+            } => Ok(Invoked {
                 result: FunctionResult::Err {
                     error_type: error_type.to_owned(),
                     payload: serde_json::json!({
@@ -97,19 +97,6 @@ pub struct WorkerRequest {
     pub revision: u64,
     /// The idle sandbox the worker manager claimed for it, if any.
     pub sandbox: Option<u64>,
-}
-
-/// What the worker did with it.
-#[derive(Debug, Clone)]
-pub struct WorkerResult {
-    /// What the function returned.
-    pub result: FunctionResult,
-    /// Time in the function.
-    pub duration: Duration,
-    /// Whether a sandbox was booted for it.
-    pub cold_start: bool,
-    /// Boot time, on a cold start.
-    pub init_duration: Option<Duration>,
 }
 
 /// The worker role of a node.
@@ -295,7 +282,7 @@ impl WorkerService {
     /// [`InvokeError::NoCapacity`] when this node's memory budget has no room;
     /// [`InvokeError::NotFound`], [`InvokeError::Config`], [`InvokeError::Service`] otherwise.
     /// Function failures are [`FunctionResult::Err`].
-    pub async fn invoke(&self, req: WorkerRequest) -> Result<WorkerResult, InvokeError> {
+    pub async fn invoke(&self, req: WorkerRequest) -> Result<Invoked, InvokeError> {
         let WorkerRequest {
             request,
             revision,
@@ -321,22 +308,7 @@ impl WorkerService {
                 .map_err(|e| InvokeError::Service(format!("invocation task failed: {e}")))?
                 .map_err(invoke_error)?;
         metrics::counter!("sluice_worker_invocations_total", "function" => function).increment(1);
-        let result = match &inv.outcome {
-            InvokeOutcome::Response(p) => FunctionResult::Ok(p.clone()),
-            other => {
-                let (error_type, payload) = other.error(&request_id).unwrap_or_default();
-                FunctionResult::Err {
-                    error_type,
-                    payload,
-                }
-            }
-        };
-        Ok(WorkerResult {
-            result,
-            duration: inv.duration,
-            cold_start: inv.cold_start,
-            init_duration: inv.init_duration,
-        })
+        Ok(inv.into_invoked(&request_id))
     }
 
     /// Boots one provisioned sandbox of function `name` (its current configuration).

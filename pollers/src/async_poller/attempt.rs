@@ -279,6 +279,7 @@ mod tests {
                     result,
                     duration: Duration::from_millis(1),
                     cold_start: false,
+                    init_duration: None,
                 })
             })
         }

@@ -382,6 +382,7 @@ async fn deliver<'a, L: LaneIo>(
                     },
                     duration: started.elapsed(),
                     cold_start: false,
+                    init_duration: None,
                 })
             }
         };
@@ -591,6 +592,7 @@ mod tests {
             result,
             duration: Duration::from_millis(1),
             cold_start: false,
+            init_duration: None,
         }
     }
 

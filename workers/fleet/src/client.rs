@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use sluice_core::invoke::{FunctionResult, InvokeError};
+use sluice_core::invoke::{FunctionResult, InvokeError, Invoked};
 use sluice_workers::server::{INVOKE_PATH, MAX_REMOTE_BODY_BYTES, TOKEN_HEADER};
-use sluice_workers::service::{WorkerRequest, WorkerResult};
+use sluice_workers::service::WorkerRequest;
 
 /// Why a remote invoke did not give an answer.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +100,7 @@ impl RemoteClient {
         addr: &str,
         req: &WorkerRequest,
         deadline: Duration,
-    ) -> Result<WorkerResult, RemoteError> {
+    ) -> Result<Invoked, RemoteError> {
         let mut builder = self
             .http
             .post(format!("http://{addr}{INVOKE_PATH}"))
@@ -186,15 +186,12 @@ impl RemoteClient {
             },
             other => return Err(bad(format!("x-sluice-result is {other:?}"))),
         };
-        Ok(WorkerResult {
+        let micros = |name: &str| h(name).and_then(|d| d.parse().ok()).map(Duration::from_micros);
+        Ok(Invoked {
             result,
-            duration: Duration::from_micros(
-                h("x-sluice-duration-us")
-                    .and_then(|d| d.parse().ok())
-                    .unwrap_or_default(),
-            ),
+            duration: micros("x-sluice-duration-us").unwrap_or_default(),
             cold_start: h("x-sluice-cold-start") == Some("true"),
-            init_duration: None,
+            init_duration: micros("x-sluice-init-duration-us"),
         })
     }
 }

@@ -25,7 +25,7 @@ use crate::placement;
 use crate::registry::{RegistryError, WorkerInfo, WorkerRegistry};
 use crate::worker_manager::IdleIndex;
 pub use sluice_workers::service::AccountIdentity;
-use sluice_workers::service::{WorkerRequest, WorkerResult, WorkerService};
+use sluice_workers::service::{WorkerRequest, WorkerService};
 
 /// How many workers an invocation tries when workers die under it.
 const MAX_WORKERS_LOST: usize = 3;
@@ -157,7 +157,7 @@ impl ClusterInvoker {
         worker: &WorkerInfo,
         req: &WorkerRequest,
         deadline: Duration,
-    ) -> Result<WorkerResult, RemoteError> {
+    ) -> Result<Invoked, RemoteError> {
         match &self.inner.local {
             Some(local) if local.id() == worker.id => local
                 .invoke(req.clone())
@@ -177,7 +177,7 @@ impl ClusterInvoker {
         &self,
         f: &Versioned<FunctionConfig>,
         req: &InvokeRequest,
-    ) -> Result<WorkerResult, InvokeError> {
+    ) -> Result<Invoked, InvokeError> {
         let key = (req.function.clone(), f.revision);
         let need_mb = u64::try_from(f.object.memory_size).unwrap_or(128);
         let deadline = Duration::from_secs(u64::try_from(f.object.timeout).unwrap_or(3))
@@ -389,11 +389,7 @@ impl Invoker for ClusterInvoker {
         if matches!(inv.result, FunctionResult::Err { .. }) {
             metrics::counter!("sluice_errors_total", &labels).increment(1);
         }
-        Ok(Invoked {
-            result: inv.result,
-            duration: inv.duration,
-            cold_start: inv.cold_start,
-        })
+        Ok(inv)
     }
 
     async fn provisioned_ready(&self, function: &str) -> Option<u32> {
