@@ -117,6 +117,11 @@ pub struct NodeConfig {
     #[arg(long, env = "SLUICE_COMMIT_REFRESH_SECS", default_value_t = 3600, hide = true,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub commit_refresh_secs: u64,
+    /// Fault injection for tests: this node's configuration view applies each record only this
+    /// many milliseconds after it was written, so the view lags the log on demand. Hidden from
+    /// `--help`; 0 (the default) in production.
+    #[arg(long, env = "SLUICE_FAULT_CONFIG_VIEW_LAG_MS", default_value_t = 0, hide = true)]
+    pub fault_config_view_lag_ms: u64,
     /// Address the worker API listens on (worker role): other nodes send invocations there.
     /// Port 0 picks a free port. Use a routable address when nodes run on different hosts.
     #[arg(long, env = "SLUICE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
@@ -349,6 +354,7 @@ pub async fn start(args: &NodeConfig, stages: &Stages) -> anyhow::Result<()> {
     let mut store_cfg = ConfigStoreConfig::new(&node_id);
     store_cfg.topic = format!("{}config", args.topic_prefix);
     store_cfg.redis_prefix.clone_from(&args.redis_prefix);
+    store_cfg.view_lag = Duration::from_millis(args.fault_config_view_lag_ms);
     let store = ConfigStore::open(
         &kafka,
         store_cfg,

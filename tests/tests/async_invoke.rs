@@ -409,9 +409,9 @@ async fn acknowledged_events_survive_a_sigkill() {
 
 /// A poller on another node than the front end reads the queue and the configuration through
 /// separate consumers, so an event can reach it before the function's record does: it must catch
-/// its view up with the log before it drops the event as FunctionDeleted. Each function here is
-/// created, configured and sent an event back to back, 30 times, so the poller's view is behind
-/// for some of them.
+/// its view up with the log before it drops the event as FunctionDeleted. The poller's view is
+/// made to lag by 3 s (`--fault-config-view-lag-ms`), so every event here reaches it before its
+/// function does; without the catch-up every one of them is dropped.
 #[tokio::test]
 async fn a_poller_whose_view_lags_catches_up_instead_of_dropping_a_new_functions_event() {
     let redis = RedisServer::start();
@@ -422,12 +422,19 @@ async fn a_poller_whose_view_lags_catches_up_instead_of_dropping_a_new_functions
     let front = Node::start(&bootstrap(), &redis.url(), &prefix, &front_args);
     let mut poller_args = sluice_tests::node::FAST_RETRIES.to_vec();
     let poller_id = format!("{prefix}-poller");
-    poller_args.extend(["--roles", "poller,worker", "--node-id", &poller_id]);
+    poller_args.extend([
+        "--roles",
+        "poller,worker",
+        "--node-id",
+        &poller_id,
+        "--fault-config-view-lag-ms",
+        "3000",
+    ]);
     let poller = Node::start(&bootstrap(), &redis.url(), &prefix, &poller_args);
     let bundle = Bundle::of("fn-echo");
     let http = reqwest::Client::new();
     let ok = format!("{prefix}-ok");
-    let n = 30;
+    let n = 10;
     for i in 0..n {
         let name = format!("new{i}");
         let r = http

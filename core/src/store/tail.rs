@@ -34,6 +34,10 @@ pub struct ConfigStoreConfig {
     pub lock_ttl: Duration,
     /// Longest a write or a catch-up may take.
     pub write_timeout: Duration,
+    /// Fault injection: the tail applies a record no sooner than this long after the broker
+    /// stamped it, as a view on a slow link or a busy node would. Zero (the default) in
+    /// production; the fault tests use it to make a view lag on demand.
+    pub view_lag: Duration,
 }
 
 impl ConfigStoreConfig {
@@ -46,6 +50,7 @@ impl ConfigStoreConfig {
             redis_prefix: "sluice:".to_owned(),
             lock_ttl: Duration::from_secs(10),
             write_timeout: Duration::from_secs(15),
+            view_lag: Duration::ZERO,
         }
     }
 }
@@ -592,6 +597,20 @@ async fn tail(inner: Arc<Inner>) {
                 continue;
             }
         };
+        if !inner.cfg.view_lag.is_zero() {
+            if let Some(stamped) = message.timestamp().to_millis() {
+                let due = stamped.saturating_add(
+                    i64::try_from(inner.cfg.view_lag.as_millis()).unwrap_or(i64::MAX),
+                );
+                let wait = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                if wait > 0 {
+                    tokio::select! {
+                        () = inner.cancel.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    }
+                }
+            }
+        }
         let offset = message.offset();
         let record_key = message.key().and_then(|k| std::str::from_utf8(k).ok());
         let key = record_key.map(ObjectKey::from_record_key);
