@@ -1,15 +1,21 @@
 //! Function control routes: CreateFunction, GetFunction, GetFunctionConfiguration, ListFunctions,
 //! DeleteFunction.
+//!
+//! Code given as `Code.ZipFile` is inflated in full before it is stored (`check_zip`), so a zip
+//! bomb is refused here with `InvalidZipFileException`. `Code.Path` is allowed only under the
+//! node's `--code-path-root` directories, handed to the router as an `Extension` of
+//! `CodePathRoots`; without it no `Code.Path` is allowed.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use axum::Extension;
 use axum::Json;
 use serde_json::{json, Value};
+use sluice_core::code::CodePathRoots;
 use sluice_core::model::{parse, Format, FunctionConfig, ModelError};
 use sluice_core::store::{ConfigObject, Expected, ObjectKey, Versioned};
 
@@ -65,6 +71,7 @@ pub(crate) fn configuration(state: &ApiState, f: &Versioned<FunctionConfig>) -> 
 
 pub(crate) async fn create_function(
     State(state): State<ApiState>,
+    roots: Option<Extension<CodePathRoots>>,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let text = std::str::from_utf8(&body)
@@ -76,11 +83,11 @@ pub(crate) async fn create_function(
             "Code.SluiceStoredCode is set by Sluice; give ZipFile or Path",
         ));
     }
+    if let Some(path) = config.code.path.take() {
+        config.code.path = Some(check_code_path(roots.as_deref(), &path)?);
+    }
     if let Some(zip) = config.code.zip_file.take() {
         config.code.stored = Some(Box::new(store_zip(&state, &zip).await?));
-    }
-    if let Some(path) = &config.code.path {
-        check_code_path(path)?;
     }
     check_reservation(&state, &config)?;
     let key = ObjectKey::function(&config.function_name);
@@ -120,11 +127,15 @@ pub(crate) async fn store_zip(
     let zip = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .map_err(|e| ApiError::invalid(format!("Code.ZipFile is not valid base64: {e}")))?;
-    sluice_core::code::check_zip(&zip).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        kind: "InvalidZipFileException",
-        message: e.to_string(),
-    })?;
+    // Inflates every entry (up to 250 MiB of CPU work): off the async threads.
+    let zip = tokio::task::spawn_blocking(move || sluice_core::code::check_zip(&zip).map(|()| zip))
+        .await
+        .map_err(|e| ApiError::service(format!("the zip check stopped: {e}")))?
+        .map_err(|e| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "InvalidZipFileException",
+            message: e.to_string(),
+        })?;
     let (Some(kafka), Some(events)) = (&state.kafka, &state.events) else {
         return Err(ApiError::service(
             "this node cannot store code (no Kafka producer)",
@@ -140,25 +151,18 @@ pub(crate) async fn store_zip(
     .map_err(|e| ApiError::service(format!("could not store the code: {e}")))
 }
 
-pub(crate) fn check_code_path(path: &str) -> Result<(), ApiError> {
-    let p = Path::new(path);
-    if !p.is_absolute() {
-        return Err(ApiError::invalid(format!(
-            "Code.Path must be an absolute path, got {path:?}"
-        )));
-    }
-    if !p.is_dir() {
-        return Err(ApiError::invalid(format!(
-            "Code.Path {path} must be an existing directory on this node (the unpacked bundle)"
-        )));
-    }
-    if !p.join("bootstrap").is_file() {
-        return Err(ApiError::invalid(format!(
-            "Code.Path {path} has no bootstrap file: a function bundle needs an executable \
-             bootstrap at its root (Lambda's custom-runtime contract)"
-        )));
-    }
-    Ok(())
+/// Checks a `Code.Path` against the node's roots; returns the directory to store (canonical, so
+/// a symlink changed later cannot move the function out of its root).
+pub(crate) fn check_code_path(
+    roots: Option<&CodePathRoots>,
+    path: &str,
+) -> Result<String, ApiError> {
+    let none = CodePathRoots::default();
+    roots
+        .unwrap_or(&none)
+        .check(path)
+        .map(|p| p.display().to_string())
+        .map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 /// What Lambda keeps unreserved in every account.

@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sluice_core::code::CodePathRoots;
 use sluice_core::model::{
     parse, parse_strict, Environment, EventInvokeConfig, Format, FunctionConfig, Validate,
 };
@@ -99,6 +100,7 @@ struct UpdateCode {
 pub(crate) async fn update_code(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    roots: Option<Extension<CodePathRoots>>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let req: UpdateCode = parse_strict(body_text(&body)?, Format::Json).map_err(model_error)?;
@@ -108,7 +110,7 @@ pub(crate) async fn update_code(
     let mut f = current.object;
     match (req.path, req.zip_file) {
         (Some(path), None) => {
-            check_code_path(&path)?;
+            let path = check_code_path(roots.as_deref(), &path)?;
             f.code = sluice_core::model::FunctionCode {
                 path: Some(path),
                 zip_file: None,

@@ -39,6 +39,10 @@ pub struct DevArgs {
     /// Where started services keep their data and logs.
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = ".sluice-dev")]
     data_dir: PathBuf,
+    /// Another directory `Code.Path` may name bundles under (repeatable). The working directory
+    /// is always allowed, and so are the roots in SLUICE_CODE_PATH_ROOTS.
+    #[arg(long = "code-path-root", value_name = "DIR")]
+    code_path_roots: Vec<PathBuf>,
 }
 
 fn port_of(addr: &str) -> anyhow::Result<u16> {
@@ -85,6 +89,16 @@ async fn run_inner(args: &DevArgs, started: &mut Vec<Service>) -> anyhow::Result
     node_args
         .async_retry_delays
         .clone_from(&args.async_retry_delays);
+    // A laptop's bundles live in the project being worked on: `--code ./bundle` just works.
+    let cwd = std::env::current_dir().context("the working directory")?;
+    if cwd.parent().is_none() {
+        tracing::warn!("sluice dev runs in /: Code.Path may name any directory on this machine");
+    }
+    node_args.code_path_roots.push(cwd);
+    node_args
+        .code_path_roots
+        .extend(args.code_path_roots.iter().cloned());
+    info!(roots = ?node_args.code_path_roots, "Code.Path allowed under these directories");
     crate::config::validate(&node_args)?;
     let stages = node::Stages::default();
     node::start(&node_args, &stages).await?;

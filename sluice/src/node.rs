@@ -163,6 +163,16 @@ pub struct NodeConfig {
     /// never one a live sandbox runs from or an invocation in progress has fetched.
     #[arg(long, env = "SLUICE_CODE_CACHE_MAX_MB", default_value_t = 10_240)]
     pub code_cache_max_mb: u64,
+    /// A directory under which `Code.Path` may name function bundles (repeatable; the variable
+    /// takes a comma-separated list). Symlinks are resolved first, so none leads out of a root.
+    /// With none, `Code.Path` is refused and functions come as `Code.ZipFile`.
+    #[arg(
+        long = "code-path-root",
+        env = "SLUICE_CODE_PATH_ROOTS",
+        value_name = "DIR",
+        value_delimiter = ','
+    )]
+    pub code_path_roots: Vec<std::path::PathBuf>,
     /// Where the node keeps what lives only while it runs (the jails' directories), default
     /// `/run/sluice/<node id>`: each node on a host needs its own.
     #[arg(long, env = "SLUICE_RUN_DIR", value_name = "DIR")]
@@ -328,6 +338,8 @@ pub async fn wait_for_signal() {
 /// Starts the node's roles, each task in its shutdown stage (see [`Stages`]).
 pub async fn start(args: &NodeConfig, stages: &Stages) -> anyhow::Result<()> {
     let node_id = args.node_id();
+    let code_path_roots = sluice_core::code::CodePathRoots::new(args.code_path_roots.clone())
+        .context("--code-path-root (SLUICE_CODE_PATH_ROOTS)")?;
     let metrics = PrometheusBuilder::new()
         .install_recorder()
         .context("install the Prometheus metrics recorder")?;
@@ -506,7 +518,9 @@ pub async fn start(args: &NodeConfig, stages: &Stages) -> anyhow::Result<()> {
             credentials: sluice_ingest::sigv4::Credentials::parse(&args.access_keys)
                 .map_err(anyhow::Error::msg)?,
         };
-        app = sluice_ingest::router(state).merge(app);
+        app = sluice_ingest::router(state)
+            .layer(axum::Extension(code_path_roots))
+            .merge(app);
     }
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
