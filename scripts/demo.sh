@@ -15,7 +15,7 @@ KPORT="$(free_port)"; RPORT="$(free_port)"; APORT="$(free_port)"
 export SLUICE_ENDPOINT="http://127.0.0.1:$APORT" SLUICE_KAFKA="127.0.0.1:$KPORT"
 log "sluice dev (Kafka 127.0.0.1:$KPORT, Redis 127.0.0.1:$RPORT, API 127.0.0.1:$APORT, data $WORK)"
 "$SLUICE" dev --kafka "127.0.0.1:$KPORT" --redis "127.0.0.1:$RPORT" --api "127.0.0.1:$APORT" \
-  --data-dir "$WORK" --async-retry-delays 1s,2s >"$WORK/sluice.log" 2>&1 &
+  --data-dir "$WORK" --code-path-root "$WORK" --async-retry-delays 1s,2s >"$WORK/sluice.log" 2>&1 &
 DEV=$!
 cleanup() { kill -INT "$DEV" 2>/dev/null || true; wait "$DEV" 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT

@@ -97,6 +97,8 @@ fn main() {
             &format!("{prefix}:"),
         ])
         .env("RUST_LOG", "warn")
+        // The bench bundles are made under the temporary directory.
+        .env("SLUICE_CODE_PATH_ROOTS", std::env::temp_dir())
         .stdout(Stdio::null())
         .spawn()
         .expect("start node");
@@ -168,6 +170,8 @@ fn main() {
             .args(["node", "--roles", "frontend", "--kafka", &kafka, "--redis", &redis, "--api", &format!("127.0.0.1:{fport}")])
             .args(["--topic-prefix", &format!("{prefix}-ingest."), "--redis-prefix", &format!("{prefix}-ingest:")])
             .env("RUST_LOG", "warn")
+            // The bench bundles are made under the temporary directory.
+            .env("SLUICE_CODE_PATH_ROOTS", std::env::temp_dir())
             .stdout(Stdio::null())
             .spawn()
             .expect("start front-end node");

@@ -136,6 +136,8 @@ fn main() {
             .args(["node", "--kafka", &kafka_addr, "--redis", &redis, "--api", &format!("127.0.0.1:{port}")])
             .args(["--topic-prefix", &format!("{prefix}."), "--redis-prefix", &format!("{prefix}:")])
             .env("RUST_LOG", "warn,function=info")
+            // The bench bundle is made under the temporary directory.
+            .env("SLUICE_CODE_PATH_ROOTS", std::env::temp_dir())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -29,6 +29,13 @@ pub struct Bundle {
     dir: PathBuf,
 }
 
+/// The directory every test bundle is made under; nodes the harness starts allow `Code.Path`
+/// there (`--code-path-root`, through `SLUICE_CODE_PATH_ROOTS`).
+#[must_use]
+pub fn bundle_root() -> PathBuf {
+    std::env::temp_dir()
+}
+
 impl Bundle {
     /// A bundle whose `bootstrap` is the workspace binary `bin` (e.g. `fn-echo`).
     ///
@@ -43,7 +50,7 @@ impl Bundle {
             "{} is not built (cargo test --workspace builds it)",
             src.display()
         );
-        let dir = std::env::temp_dir().join(format!(
+        let dir = bundle_root().join(format!(
             "sluice-bundle-{bin}-{}",
             uuid::Uuid::new_v4().simple()
         ));

@@ -156,6 +156,7 @@ fn spawn(args: &[String]) -> Child {
             "RUST_LOG",
             std::env::var("SLUICE_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        .env("SLUICE_CODE_PATH_ROOTS", crate::functions::bundle_root())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -239,6 +239,15 @@ async fn invocations_run_on_workers_and_warm_sandboxes_are_shared_by_every_front
         1.0,
         "one cold start in the whole fleet for 11 sequential invokes"
     );
+    // The worker's boot time travels back with the result to the front end that asked.
+    let init_count = fl
+        .front_metric("sluice_init_duration_seconds_count", "function=\"shared\"")
+        .await;
+    let init_sum = fl
+        .front_metric("sluice_init_duration_seconds_sum", "function=\"shared\"")
+        .await;
+    assert_eq!(init_count, 1.0, "one init duration reported");
+    assert!(init_sum > 0.0, "the init duration is measured ({init_sum} s)");
     assert_eq!(
         fl.fronts[1]
             .metric("sluice_invocations_total", "function=\"shared\"")
