@@ -154,16 +154,38 @@ pub fn canonical_request(req: &SignedRequest<'_>, signed_headers: &[&str]) -> St
             .collect();
         canonical_headers.push_str(&format!("{name}:{}\n", values.join(",")));
     }
-    let payload_hash = req
-        .headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("x-amz-content-sha256"))
-        .map_or_else(|| hex(&Sha256::digest(req.body)), |(_, v)| v.clone());
+    // The body's own hash, never a client's claim about it: a signed request replayed with
+    // another body must not verify. `verify` refuses a mismatching `x-amz-content-sha256`.
+    let payload_hash = hex(&Sha256::digest(req.body));
     format!(
         "{}\n{canonical_uri}\n{canonical_query}\n{canonical_headers}\n{}\n{payload_hash}",
         req.method,
         signed_headers.join(";")
     )
+}
+
+/// The keyed MAC over the string to sign of `canonical` for `secret`, date (`YYYYMMDD`), time
+/// (`X-Amz-Date`), region and service: finalized it is the signature.
+fn signing_mac(
+    secret: &str,
+    amz_date: &str,
+    region: &str,
+    service: &str,
+    canonical: &str,
+) -> Hmac<Sha256> {
+    let date = &amz_date[..amz_date.len().min(8)];
+    let scope = format!("{date}/{region}/{service}/aws4_request");
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex(&Sha256::digest(canonical.as_bytes()))
+    );
+    let k_date = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
+    let k_region = hmac(&k_date, region.as_bytes());
+    let k_service = hmac(&k_region, service.as_bytes());
+    let k_signing = hmac(&k_service, b"aws4_request");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&k_signing).expect("HMAC takes keys of any length");
+    mac.update(to_sign.as_bytes());
+    mac
 }
 
 /// The signature of `canonical` for `secret`, date (`YYYYMMDD`), time (`X-Amz-Date`), region and
@@ -176,17 +198,36 @@ pub fn signature(
     service: &str,
     canonical: &str,
 ) -> String {
-    let date = &amz_date[..amz_date.len().min(8)];
-    let scope = format!("{date}/{region}/{service}/aws4_request");
-    let to_sign = format!(
-        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-        hex(&Sha256::digest(canonical.as_bytes()))
-    );
-    let k_date = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
-    let k_region = hmac(&k_date, region.as_bytes());
-    let k_service = hmac(&k_region, service.as_bytes());
-    let k_signing = hmac(&k_service, b"aws4_request");
-    hex(&hmac(&k_signing, to_sign.as_bytes()))
+    hex(&signing_mac(secret, amz_date, region, service, canonical)
+        .finalize()
+        .into_bytes())
+}
+
+/// Whether `given` (hex) is the signature of `canonical`, compared in constant time.
+fn signature_matches(
+    secret: &str,
+    amz_date: &str,
+    region: &str,
+    service: &str,
+    canonical: &str,
+    given: &str,
+) -> bool {
+    let Some(given) = unhex(given) else {
+        return false;
+    };
+    signing_mac(secret, amz_date, region, service, canonical)
+        .verify_slice(&given)
+        .is_ok()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// `20150830T123600Z` → Unix seconds.
@@ -275,6 +316,20 @@ pub async fn verify(State(creds): State<Credentials>, req: Request, next: Next) 
         Ok(b) => b,
         Err(_) => return forbidden("request body too large to verify"),
     };
+    if let Some(claimed) = header("x-amz-content-sha256") {
+        if claimed == "UNSIGNED-PAYLOAD" {
+            return forbidden(
+                "x-amz-content-sha256 is UNSIGNED-PAYLOAD: Lambda's API signs the payload; \
+                 send the body's SHA-256 (hex) or leave the header out",
+            );
+        }
+        if !claimed.eq_ignore_ascii_case(&hex(&Sha256::digest(&bytes))) {
+            return forbidden(
+                "The provided x-amz-content-sha256 header does not match what was computed: \
+                 the body is not the one that was signed",
+            );
+        }
+    }
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
@@ -291,8 +346,7 @@ pub async fn verify(State(creds): State<Credentials>, req: Request, next: Next) 
         },
         &signed_headers,
     );
-    let expected = signature(secret, &amz_date, scope[2], scope[3], &canonical);
-    if expected != *given {
+    if !signature_matches(secret, &amz_date, scope[2], scope[3], &canonical, given) {
         return forbidden(
             "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.",
         );
@@ -338,6 +392,41 @@ mod tests {
             sig,
             "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7"
         );
+    }
+
+    #[test]
+    fn a_signature_is_checked_whole_and_hex_decoded() {
+        let canonical = "GET\n/\n\nhost:x\n\nhost\ne3b0";
+        let sig = signature("k", "20150830T123600Z", "us-east-1", "lambda", canonical);
+        let ok = |given: &str| {
+            signature_matches("k", "20150830T123600Z", "us-east-1", "lambda", canonical, given)
+        };
+        assert!(ok(&sig));
+        assert!(ok(&sig.to_uppercase()), "hex case does not matter");
+        assert!(!ok(&sig[..62]), "a prefix is not the signature");
+        let mut flipped = sig.clone().into_bytes();
+        flipped[10] = if flipped[10] == b'0' { b'1' } else { b'0' };
+        assert!(!ok(std::str::from_utf8(&flipped).unwrap()));
+        assert!(!ok("zz"), "not hex");
+        assert!(!ok(""));
+    }
+
+    #[test]
+    fn the_canonical_request_hashes_the_body_whatever_a_header_claims() {
+        let mut req = SignedRequest {
+            method: "POST",
+            path: "/",
+            query: "",
+            headers: vec![("Host".into(), "x".into())],
+            body: b"new body",
+        };
+        let plain = canonical_request(&req, &["host"]);
+        req.headers.push((
+            "x-amz-content-sha256".into(),
+            hex(&Sha256::digest(b"original body")),
+        ));
+        assert_eq!(canonical_request(&req, &["host"]), plain);
+        assert!(plain.ends_with(&hex(&Sha256::digest(b"new body"))));
     }
 
     #[test]

@@ -171,4 +171,58 @@ try:
 except urllib.error.HTTPError as e:
     assert e.code == 403, e.code
 print("unsigned refused ok")
+# A signed Invoke replayed with another body: refused whether or not the replay claims the
+# original body's hash in x-amz-content-sha256 (the signature covers the body, as on AWS).
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+import http.client
+import socket
+import time
+import urllib.parse
+
+u = urllib.parse.urlparse(endpoint)
+
+
+def send(method, path, body, headers):
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request(method, path, body=body, headers=headers)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, data
+
+
+path = f"/2015-03-31/functions/{fn}/invocations"
+original = b'{"action":"echo","n":1}'
+req = AWSRequest(method="POST", url=endpoint + path, data=original,
+                 headers={"Content-Type": "application/json"})
+SigV4Auth(Credentials(key_id, secret), "lambda", "us-east-1").add_auth(req)
+signed = dict(req.headers.items())
+status, data = send("POST", path, original, signed)
+assert status == 200 and json.loads(data)["n"] == 1, (status, data)
+other = b'{"action":"echo","n":2}'
+claimed = dict(signed, **{"x-amz-content-sha256": hashlib.sha256(original).hexdigest()})
+status, data = send("POST", path, other, claimed)
+assert status == 403, ("replay with the original hash claimed", status, data)
+status, data = send("POST", path, other, signed)
+assert status == 403, ("replay", status, data)
+unsigned = dict(signed, **{"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+status, data = send("POST", path, original, unsigned)
+assert status == 403, ("UNSIGNED-PAYLOAD", status, data)
+print("signed request replayed with another body refused ok")
+
+# An unknown access key is refused before the body is read: the 403 comes while a 60 MB body
+# is still unsent.
+amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+s = socket.create_connection((u.hostname, u.port), timeout=10)
+s.sendall((
+    f"POST {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nContent-Length: 60000000\r\n"
+    f"X-Amz-Date: {amz_date}\r\nAuthorization: AWS4-HMAC-SHA256 Credential=AKIDUNKNOWN/"
+    f"{amz_date[:8]}/us-east-1/lambda/aws4_request, SignedHeaders=host, Signature=00\r\n\r\n"
+).encode() + b"x" * 1000)
+head = s.recv(4096).split(b"\r\n")[0]
+s.close()
+assert b" 403" in head, head
+print("unknown key refused before the body ok")
 print("ALL OK")
