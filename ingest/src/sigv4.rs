@@ -406,7 +406,7 @@ mod tests {
         assert!(!ok(&sig[..62]), "a prefix is not the signature");
         let mut flipped = sig.clone().into_bytes();
         flipped[10] = if flipped[10] == b'0' { b'1' } else { b'0' };
-        assert!(!ok(std::str::from_utf8(&flipped).unwrap()));
+        assert!(!ok(&String::from_utf8_lossy(&flipped)));
         assert!(!ok("zz"), "not hex");
         assert!(!ok(""));
     }
