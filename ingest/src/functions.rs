@@ -49,8 +49,11 @@ pub(crate) fn configuration(state: &ApiState, f: &Versioned<FunctionConfig>) -> 
         "State": "Active",
         "LastUpdateStatus": "Successful",
         "PackageType": "Zip",
-        "Architectures": ["x86_64"],
+        "Architectures": [c.architecture()],
         "EphemeralStorage": { "Size": c.ephemeral_storage_mb() },
+        "TracingConfig": {
+            "Mode": c.tracing_config.as_ref().map_or("PassThrough", |t| t.mode.as_str())
+        },
     });
     if let Some(role) = &c.role {
         v["Role"] = json!(role);
@@ -76,7 +79,8 @@ pub(crate) async fn create_function(
 ) -> Result<impl IntoResponse, ApiError> {
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::invalid("request body must be UTF-8 JSON"))?;
-    let config: FunctionConfig = parse(text, Format::Json).map_err(model_error)?;
+    let text = bare_function_name_field(&state, text)?;
+    let config: FunctionConfig = parse(&text, Format::Json).map_err(model_error)?;
     let mut config = config;
     if config.code.stored.is_some() {
         return Err(ApiError::invalid(
@@ -242,6 +246,9 @@ pub(crate) async fn get_function(
     if let Some(r) = f.object.reserved_concurrent_executions {
         out["Concurrency"] = json!({ "ReservedConcurrentExecutions": r });
     }
+    if !f.object.tags.is_empty() {
+        out["Tags"] = json!(f.object.tags);
+    }
     Ok(Json(out))
 }
 
@@ -281,6 +288,22 @@ pub(crate) async fn delete_function(
 /// Lambda's `LastModified` format: `2019-11-14T18:16:05.568+0000`.
 fn iso8601_ms(ms: i64) -> String {
     sluice_core::time::iso8601(ms, "+0000")
+}
+
+/// The request body with its `FunctionName` given as a name, whatever form (name, partial or
+/// full ARN) the caller used.
+pub(crate) fn bare_function_name_field(state: &ApiState, text: &str) -> Result<String, ApiError> {
+    let Ok(mut v) = serde_json::from_str::<Value>(text) else {
+        return Ok(text.to_owned()); // the parser reports what is wrong with it
+    };
+    if let Some(Value::String(name)) = v.get("FunctionName") {
+        if name.contains(':') {
+            let bare = crate::names::function_name(&state.account, name)?;
+            v["FunctionName"] = Value::String(bare);
+            return Ok(v.to_string());
+        }
+    }
+    Ok(text.to_owned())
 }
 
 #[cfg(test)]

@@ -9,10 +9,12 @@
 //! JSON body `{"Type": "User", "message": …}`.
 #![forbid(unsafe_code)]
 
+mod account;
 mod error;
 mod functions;
 mod invoke;
 mod mappings;
+mod names;
 mod provisioned;
 mod settings;
 pub mod sigv4;
@@ -89,7 +91,7 @@ pub struct ApiState {
 
 /// The Lambda-compatible API routes.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route(
             "/2015-03-31/functions",
             get(functions::list_functions).post(functions::create_function),
@@ -152,11 +154,38 @@ pub fn router(state: ApiState) -> Router {
                 .put(mappings::update)
                 .delete(mappings::delete),
         )
+        .route(
+            "/2019-09-25/functions/{name}/event-invoke-config/list",
+            get(account::list_eics),
+        )
+        .route(
+            "/2016-08-19/account-settings",
+            get(account::account_settings),
+        )
+        .route(
+            "/2016-08-19/account-settings/",
+            get(account::account_settings),
+        )
+        .route(
+            "/2017-03-31/tags/{arn}",
+            get(account::list_tags)
+                .post(account::tag_resource)
+                .delete(account::untag_resource),
+        )
+        .fallback(account::unknown_operation)
+        .with_state(state.clone());
+    // Names are made bare after the signature was checked on the path as sent, and before the
+    // path is routed (a layer on the routes would run after routing).
+    let named = tower_layer::Layer::layer(
+        &axum::middleware::from_fn_with_state(state.clone(), names::bare_names),
+        api,
+    );
+    Router::new()
+        .fallback_service(named)
         .layer(axum::middleware::from_fn_with_state(
             state.credentials.clone(),
             sigv4::verify,
         ))
-        .with_state(state)
 }
 
 /// The front end's starter: serves `app` (the Lambda API of [`router`], merged by the caller with

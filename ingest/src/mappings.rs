@@ -161,7 +161,8 @@ pub(crate) async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::invalid("request body must be UTF-8 JSON"))?;
-    let mut config: EventSourceMappingConfig = parse(text, Format::Json).map_err(model_error)?;
+    let text = crate::functions::bare_function_name_field(&state, text)?;
+    let mut config: EventSourceMappingConfig = parse(&text, Format::Json).map_err(model_error)?;
     check_function(&state, &config)?;
     let uuid = uuid::Uuid::new_v4().to_string();
     let group = config.consumer_group_id().unwrap_or(&uuid).to_owned();
@@ -268,9 +269,14 @@ async fn update_once(
         .map_err(|e| ApiError::invalid(format!("invalid JSON: {e}")))?;
     let mut merged = serde_json::to_value(&current.object.config)
         .map_err(|e| ApiError::service(e.to_string()))?;
-    for (k, v) in patch {
+    for (k, mut v) in patch {
         if k == "UUID" {
             continue;
+        }
+        if k == "FunctionName" {
+            if let Some(name) = v.as_str().filter(|n| n.contains(':')) {
+                v = Value::String(crate::names::function_name(&state.account, name)?);
+            }
         }
         if !UPDATABLE.contains(&k.as_str()) {
             return Err(ApiError::invalid(format!(

@@ -59,6 +59,16 @@ fn precondition(wanted: u64, current: u64) -> ApiError {
     }
 }
 
+/// A store error as the API answers it (a revision conflict is Lambda's precondition error).
+pub(crate) fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Conflict {
+            expected, actual, ..
+        } => precondition(expected, actual),
+        other => other.into(),
+    }
+}
+
 async fn write_function(
     state: &ApiState,
     f: FunctionConfig,
@@ -74,12 +84,7 @@ async fn write_function(
             expect,
         )
         .await
-        .map_err(|e| match e {
-            StoreError::Conflict {
-                expected, actual, ..
-            } => precondition(expected, actual),
-            other => other.into(),
-        })?;
+        .map_err(store_error)?;
     let stored = function(state, &name)?;
     Ok(Json(configuration(state, &stored)))
 }
@@ -95,6 +100,7 @@ struct UpdateCode {
     publish: bool,
     #[serde(default)]
     dry_run: bool,
+    architectures: Option<Vec<String>>,
 }
 
 pub(crate) async fn update_code(
@@ -127,6 +133,9 @@ pub(crate) async fn update_code(
         }
         _ => return Err(ApiError::invalid("give exactly one of ZipFile or Path")),
     }
+    if let Some(a) = req.architectures {
+        f.architectures = a;
+    }
     if req.dry_run {
         f.validate().map_err(|v| ApiError::invalid(v.to_string()))?;
         return Ok(Json(configuration(
@@ -153,6 +162,8 @@ struct UpdateConfiguration {
     description: Option<String>,
     role: Option<String>,
     ephemeral_storage: Option<sluice_core::model::EphemeralStorage>,
+    tracing_config: Option<sluice_core::model::TracingConfig>,
+    layers: Option<Vec<String>>,
     revision_id: Option<String>,
 }
 
@@ -190,10 +201,16 @@ pub(crate) async fn update_configuration(
     if let Some(v) = req.ephemeral_storage {
         f.ephemeral_storage = Some(v);
     }
+    if let Some(v) = req.tracing_config {
+        f.tracing_config = Some(v);
+    }
+    if let Some(v) = req.layers {
+        f.layers = v;
+    }
     write_function(&state, f, expect).await
 }
 
-fn eic_json(state: &ApiState, name: &str, c: &Versioned<EventInvokeConfig>) -> Value {
+pub(crate) fn eic_json(state: &ApiState, name: &str, c: &Versioned<EventInvokeConfig>) -> Value {
     let dest = c.object.destination_config.clone().unwrap_or_default();
     let side = |d: Option<sluice_core::model::Destination>| match d.and_then(|d| d.destination) {
         Some(uri) => json!({ "Destination": uri }),

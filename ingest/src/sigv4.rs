@@ -86,21 +86,7 @@ fn uri_encode(s: &str, keep_slash: bool) -> String {
 }
 
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::names::percent_decode(s, true)
 }
 
 /// The parts of a SigV4 request that the signature covers.
@@ -183,7 +169,8 @@ fn signing_mac(
     let k_region = hmac(&k_date, region.as_bytes());
     let k_service = hmac(&k_region, service.as_bytes());
     let k_signing = hmac(&k_service, b"aws4_request");
-    let mut mac = Hmac::<Sha256>::new_from_slice(&k_signing).expect("HMAC takes keys of any length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(&k_signing).expect("HMAC takes keys of any length");
     mac.update(to_sign.as_bytes());
     mac
 }
@@ -399,7 +386,14 @@ mod tests {
         let canonical = "GET\n/\n\nhost:x\n\nhost\ne3b0";
         let sig = signature("k", "20150830T123600Z", "us-east-1", "lambda", canonical);
         let ok = |given: &str| {
-            signature_matches("k", "20150830T123600Z", "us-east-1", "lambda", canonical, given)
+            signature_matches(
+                "k",
+                "20150830T123600Z",
+                "us-east-1",
+                "lambda",
+                canonical,
+                given,
+            )
         };
         assert!(ok(&sig));
         assert!(ok(&sig.to_uppercase()), "hex case does not matter");

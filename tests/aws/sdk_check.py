@@ -157,6 +157,66 @@ except ClientError as e:
     assert e.response["Error"]["Code"] == "InvalidZipFileException", e.response
 print("create_function with ZipFile ok")
 
+# The fields the AWS CLI, SAM and Terraform send are accepted, kept and returned; what Sluice
+# cannot honour is refused by name.
+import platform
+arch = "arm64" if platform.machine() in ("aarch64", "arm64") else "x86_64"
+tooled = lam.create_function(
+    FunctionName="arn:aws:lambda:us-east-1:000000000000:function:tooled",
+    Runtime="provided.al2023",
+    Role="arn:aws:iam::000000000000:role/sluice",
+    Handler="bootstrap",
+    Description="made the way tools make functions",
+    Code={"ZipFile": data},
+    Architectures=[arch],
+    Tags={"team": "streams", "env": "test"},
+    PackageType="Zip",
+    TracingConfig={"Mode": "Active"},
+    Layers=[],
+    EphemeralStorage={"Size": 1024},
+)
+assert tooled["FunctionName"] == "tooled", tooled
+assert tooled["Architectures"] == [arch] and tooled["TracingConfig"] == {"Mode": "Active"}, tooled
+arn = tooled["FunctionArn"]
+for name in (arn, "000000000000:function:tooled", arn + ":$LATEST", "tooled"):
+    got = lam.get_function(FunctionName=name)
+    assert got["Configuration"]["FunctionName"] == "tooled", (name, got)
+assert got["Tags"] == {"team": "streams", "env": "test"}, got
+out = lam.invoke(FunctionName=arn, Payload=b'{"action":"echo","arn":1}')
+assert json.loads(out["Payload"].read())["arn"] == 1
+lam.update_function_configuration(FunctionName=arn, Description="updated by ARN", Layers=[])
+assert lam.get_function_configuration(FunctionName="tooled")["Description"] == "updated by ARN"
+expect_error("ResourceNotFoundException", lam.get_function,
+             FunctionName="arn:aws:lambda:eu-west-1:000000000000:function:tooled")
+expect_error("ResourceNotFoundException", lam.get_function, FunctionName=arn + ":7")
+for bad in ({"PackageType": "Image"}, {"Layers": ["arn:aws:lambda:us-east-1:000000000000:layer:l:1"]},
+            {"Architectures": ["arm64" if arch == "x86_64" else "x86_64"]}):
+    try:
+        lam.create_function(FunctionName="refused", Runtime="provided.al2023", Role="r",
+                            Handler="bootstrap", Code={"ZipFile": data}, **bad)
+        raise AssertionError(f"{bad} was accepted")
+    except ClientError as e:
+        assert e.response["Error"]["Code"] == "InvalidParameterValueException", e.response
+        assert list(bad)[0] in e.response["Error"]["Message"], e.response
+print("tooling fields and ARN names ok")
+
+lam.tag_resource(Resource=arn, Tags={"owner": "sluice"})
+lam.untag_resource(Resource=arn, TagKeys=["env"])
+assert lam.list_tags(Resource=arn)["Tags"] == {"team": "streams", "owner": "sluice"}
+expect_error("InvalidParameterValueException", lam.tag_resource, Resource=arn, Tags={"aws:x": "1"})
+print("tags ok")
+
+settings = lam.get_account_settings()
+assert settings["AccountLimit"]["ConcurrentExecutions"] == 1000, settings
+assert settings["AccountUsage"]["FunctionCount"] >= 3, settings
+assert settings["AccountLimit"]["UnreservedConcurrentExecutions"] <= 1000, settings
+print("account settings ok")
+
+lam.put_function_event_invoke_config(FunctionName="tooled", MaximumRetryAttempts=1)
+listed = lam.list_function_event_invoke_configs(FunctionName=arn)["FunctionEventInvokeConfigs"]
+assert len(listed) == 1 and listed[0]["MaximumRetryAttempts"] == 1, listed
+print("list event invoke configs ok")
+
 try:
     client("wrong-secret").list_functions()
     raise AssertionError("a wrong secret was accepted")
@@ -211,6 +271,12 @@ unsigned = dict(signed, **{"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
 status, data = send("POST", path, original, unsigned)
 assert status == 403, ("UNSIGNED-PAYLOAD", status, data)
 print("signed request replayed with another body refused ok")
+
+req = AWSRequest(method="GET", url=endpoint + "/2015-03-31/no-such-operation")
+SigV4Auth(Credentials(key_id, secret), "lambda", "us-east-1").add_auth(req)
+status, data = send("GET", "/2015-03-31/no-such-operation", None, dict(req.headers.items()))
+assert status == 404 and json.loads(data)["message"], (status, data)
+print("unknown route answers Lambda-shaped JSON ok")
 
 # An unknown access key is refused before the body is read: the 403 comes while a 60 MB body
 # is still unsent.

@@ -156,7 +156,14 @@ fn spawn(args: &[String]) -> Child {
             "RUST_LOG",
             std::env::var("SLUICE_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        .env("SLUICE_CODE_PATH_ROOTS", crate::functions::bundle_root())
+        .env(
+            "SLUICE_CODE_PATH_ROOTS",
+            format!(
+                "{},{}",
+                crate::functions::bundle_root().display(),
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../examples")
+            ),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

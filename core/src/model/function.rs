@@ -48,6 +48,95 @@ pub struct FunctionConfig {
     /// EphemeralStorage). Writes past it fail with ENOSPC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ephemeral_storage: Option<EphemeralStorage>,
+    /// The instruction set: this node's (`x86_64` or `arm64`), one entry at most; empty means
+    /// the node's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub architectures: Vec<String>,
+    /// Tags (key → value): at most 50, keys 1–128 characters not starting with `aws:`, values up
+    /// to 256. Kept and returned; Sluice gives them no other meaning.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// `Zip`, the only package type Sluice runs (container images are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_type: Option<String>,
+    /// X-Ray tracing mode (`Active` or `PassThrough`); kept and returned. The trace header is
+    /// passed to the function either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing_config: Option<TracingConfig>,
+    /// Layer ARNs: accepted only empty (Sluice has no layers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
+}
+
+/// Lambda's `TracingConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TracingConfig {
+    /// `Active` or `PassThrough`.
+    pub mode: String,
+}
+
+/// The instruction set of the machine this was built for, as Lambda names it.
+#[must_use]
+pub fn host_architecture() -> &'static str {
+    if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "x86_64"
+    }
+}
+
+/// A function named as Lambda lets callers name one: `my-function`, `my-function:qualifier`, a
+/// partial ARN (`123456789012:function:my-function`) or a full ARN
+/// (`arn:aws:lambda:us-east-1:123456789012:function:my-function`), the ARNs optionally qualified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionRef {
+    /// The function's name.
+    pub name: String,
+    /// A version or alias (`$LATEST`, `1`, `live`), when one was given.
+    pub qualifier: Option<String>,
+    /// The region of a full ARN.
+    pub region: Option<String>,
+    /// The account of an ARN.
+    pub account: Option<String>,
+}
+
+impl FunctionRef {
+    /// Parses `s`.
+    ///
+    /// # Errors
+    /// What is wrong with it, and the forms that are allowed.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let (name, qualifier, region, account) = match parts.as_slice() {
+            [name] => (*name, None, None, None),
+            [name, q] => (*name, Some(*q), None, None),
+            [acct, "function", name] => (*name, None, None, Some(*acct)),
+            [acct, "function", name, q] => (*name, Some(*q), None, Some(*acct)),
+            ["arn", _, "lambda", region, acct, "function", name] => {
+                (*name, None, Some(*region), Some(*acct))
+            }
+            ["arn", _, "lambda", region, acct, "function", name, q] => {
+                (*name, Some(*q), Some(*region), Some(*acct))
+            }
+            _ => {
+                return Err(format!(
+                    "{s:?} is not a function name, a partial ARN \
+                     (ACCOUNT:function:NAME) or an ARN (arn:aws:lambda:REGION:ACCOUNT:function:NAME), \
+                     each optionally followed by :QUALIFIER"
+                ))
+            }
+        };
+        if name.is_empty() || qualifier.is_some_and(str::is_empty) {
+            return Err(format!("{s:?} has an empty function name or qualifier"));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            qualifier: qualifier.map(str::to_owned),
+            region: region.map(str::to_owned),
+            account: account.map(str::to_owned),
+        })
+    }
 }
 
 /// Lambda's `EphemeralStorage`.
@@ -126,7 +215,20 @@ impl FunctionConfig {
             description: String::new(),
             role: None,
             ephemeral_storage: None,
+            architectures: Vec::new(),
+            tags: BTreeMap::new(),
+            package_type: None,
+            tracing_config: None,
+            layers: Vec::new(),
         }
+    }
+
+    /// The instruction set the function runs on (the node's unless one was given).
+    #[must_use]
+    pub fn architecture(&self) -> &str {
+        self.architectures
+            .first()
+            .map_or(host_architecture(), String::as_str)
     }
 
     /// The size of the function's `/tmp`, MiB (the default when none is set).
@@ -219,6 +321,45 @@ impl Validate for FunctionConfig {
                 ),
             );
         }
+        let arch = host_architecture();
+        match self.architectures.as_slice() {
+            [] => {}
+            [a] if a == arch => {}
+            other => v.push(
+                "Architectures",
+                format!("must be [\"{arch}\"] (this node's instruction set), got {other:?}"),
+            ),
+        }
+        check_tags(&mut v, &self.tags);
+        if let Some(p) = &self.package_type {
+            if p != "Zip" {
+                v.push(
+                    "PackageType",
+                    format!(
+                        "must be Zip, got {p:?}: Sluice runs zip bundles with a bootstrap (custom \
+                         runtimes), not container images"
+                    ),
+                );
+            }
+        }
+        if let Some(t) = &self.tracing_config {
+            if !matches!(t.mode.as_str(), "Active" | "PassThrough") {
+                v.push(
+                    "TracingConfig.Mode",
+                    format!("must be Active or PassThrough, got {:?}", t.mode),
+                );
+            }
+        }
+        if !self.layers.is_empty() {
+            v.push(
+                "Layers",
+                format!(
+                    "must be empty, got {} layer(s): Sluice has no layers; put what a layer would \
+                     hold into the bundle",
+                    self.layers.len()
+                ),
+            );
+        }
         if let Some(env) = &self.environment {
             for name in env.variables.keys() {
                 let field = format!("Environment.Variables.{name}");
@@ -252,10 +393,112 @@ impl Validate for FunctionConfig {
     }
 }
 
+/// Lambda's limits on tags: 50 per resource, keys 1–128 characters that do not start with
+/// `aws:`, values up to 256.
+pub fn check_tags(v: &mut Violations, tags: &BTreeMap<String, String>) {
+    if tags.len() > 50 {
+        v.push(
+            "Tags",
+            format!("must hold at most 50 tags, got {}", tags.len()),
+        );
+    }
+    for (k, val) in tags {
+        let n = k.chars().count();
+        if n == 0 || n > 128 {
+            v.push(
+                format!("Tags.{k}"),
+                format!("key must be 1..=128 characters, got {n}"),
+            );
+        } else if k.starts_with("aws:") {
+            v.push(
+                format!("Tags.{k}"),
+                "key must not start with aws: (reserved by AWS)",
+            );
+        }
+        if val.chars().count() > 256 {
+            v.push(
+                format!("Tags.{k}"),
+                format!(
+                    "value must be at most 256 characters, got {}",
+                    val.chars().count()
+                ),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{parse, Format, ModelError};
+
+    #[test]
+    fn function_refs_take_lambdas_name_forms() {
+        let r = FunctionRef::parse("arn:aws:lambda:us-east-1:123456789012:function:f:live")
+            .expect("arn");
+        assert_eq!(
+            (
+                r.name.as_str(),
+                r.qualifier.as_deref(),
+                r.region.as_deref(),
+                r.account.as_deref()
+            ),
+            ("f", Some("live"), Some("us-east-1"), Some("123456789012"))
+        );
+        let r = FunctionRef::parse("123456789012:function:f").expect("partial");
+        assert_eq!(
+            (r.name.as_str(), r.account.as_deref()),
+            ("f", Some("123456789012"))
+        );
+        let r = FunctionRef::parse("f:$LATEST").expect("qualified");
+        assert_eq!(
+            (r.name.as_str(), r.qualifier.as_deref()),
+            ("f", Some("$LATEST"))
+        );
+        assert_eq!(FunctionRef::parse("f").expect("name").name, "f");
+        for bad in [
+            "arn:aws:s3:::bucket",
+            "a:b:c",
+            "f:",
+            ":f",
+            "arn:aws:lambda:r:1:layer:x",
+        ] {
+            assert!(FunctionRef::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tooling_fields_are_kept_and_what_sluice_cannot_honour_is_refused() {
+        let f: FunctionConfig = parse(
+            &format!(
+                r#"{{"FunctionName":"f","Code":{{"Path":"/x"}},"Architectures":["{}"],
+                "Tags":{{"team":"a"}},"PackageType":"Zip","TracingConfig":{{"Mode":"Active"}},
+                "Layers":[]}}"#,
+                host_architecture()
+            ),
+            Format::Json,
+        )
+        .expect("valid");
+        assert_eq!(f.tags["team"], "a");
+        assert_eq!(f.architecture(), host_architecture());
+        let err = parse::<FunctionConfig>(
+            r#"{"FunctionName":"f","Code":{"Path":"/x"},"PackageType":"Image",
+            "Layers":["arn:aws:lambda:us-east-1:1:layer:l:1"],"Architectures":["sparc"],
+            "TracingConfig":{"Mode":"On"},"Tags":{"aws:x":"1"}}"#,
+            Format::Json,
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for field in [
+            "PackageType",
+            "Layers",
+            "Architectures",
+            "TracingConfig.Mode",
+            "Tags.aws:x",
+        ] {
+            assert!(text.contains(field), "{field} in {text}");
+        }
+    }
 
     #[test]
     fn defaults_follow_lambda() {

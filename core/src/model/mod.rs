@@ -11,8 +11,8 @@ mod provisioned;
 mod validate;
 
 pub use function::{
-    Environment, EphemeralStorage, FunctionCode, FunctionConfig, StoredCode,
-    DEFAULT_EPHEMERAL_STORAGE_MB, MAX_FUNCTION_NAME_LEN,
+    check_tags, host_architecture, Environment, EphemeralStorage, FunctionCode, FunctionConfig,
+    FunctionRef, StoredCode, TracingConfig, DEFAULT_EPHEMERAL_STORAGE_MB, MAX_FUNCTION_NAME_LEN,
 };
 pub use invoke_config::{Destination, DestinationConfig, EventInvokeConfig, KafkaTopicUri};
 pub use mapping::{

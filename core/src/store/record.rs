@@ -143,6 +143,7 @@ impl FromStr for ObjectKey {
 /// A stored object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "Kind", content = "Spec")]
+#[allow(clippy::large_enum_variant)] // decoded one record at a time; a Box would touch every match
 pub enum ConfigObject {
     /// A function.
     Function(FunctionConfig),
