@@ -120,7 +120,12 @@ pub struct NodeConfig {
     /// Fault injection for tests: this node's configuration view applies each record only this
     /// many milliseconds after it was written, so the view lags the log on demand. Hidden from
     /// `--help`; 0 (the default) in production.
-    #[arg(long, env = "SLUICE_FAULT_CONFIG_VIEW_LAG_MS", default_value_t = 0, hide = true)]
+    #[arg(
+        long,
+        env = "SLUICE_FAULT_CONFIG_VIEW_LAG_MS",
+        default_value_t = 0,
+        hide = true
+    )]
     pub fault_config_view_lag_ms: u64,
     /// Address the worker API listens on (worker role): other nodes send invocations there.
     /// Port 0 picks a free port. Use a routable address when nodes run on different hosts.
@@ -573,6 +578,8 @@ async fn start_worker(
         advertise: args.worker_advertise.clone(),
         token: args.worker_token.clone(),
         ttl: args.worker_ttl,
+        code_path_roots: sluice_core::code::CodePathRoots::new(args.code_path_roots.clone())
+            .context("--code-path-root (SLUICE_CODE_PATH_ROOTS)")?,
     };
     let parts = WorkerRoleParts {
         store,

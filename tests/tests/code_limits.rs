@@ -392,3 +392,95 @@ async fn code_path_is_allowed_only_under_the_nodes_code_path_roots() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// The worker checks a `Code.Path` against its own roots too: a front end that allows a
+/// directory (or a record written by an older node, which checked nothing) cannot make a worker
+/// run code from a directory the worker does not allow. The invoke is a function error
+/// (`Runtime.CodeUnavailable`), and a bundle under the worker's roots still runs.
+#[tokio::test]
+async fn a_worker_runs_code_paths_only_under_its_own_roots() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = std::env::temp_dir().join(unique_name("worker-roots"));
+    let (front_root, worker_root) = (base.join("front"), base.join("front/worker"));
+    echo_bundle(&front_root.join("echo"));
+    echo_bundle(&worker_root.join("echo"));
+    for d in [&base, &front_root, &worker_root] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let redis = RedisServer::start();
+    let prefix = unique_name("wr").replace('-', "");
+    let (front_flag, worker_flag) = (
+        front_root.display().to_string(),
+        worker_root.display().to_string(),
+    );
+    let front_id = format!("{prefix}-front");
+    let front = Node::start(
+        &bootstrap(),
+        &redis.url(),
+        &prefix,
+        &[
+            "--roles",
+            "frontend",
+            "--node-id",
+            &front_id,
+            "--code-path-root",
+            &front_flag,
+        ],
+    );
+    let worker_id = format!("{prefix}-worker");
+    let _worker = Node::start(
+        &bootstrap(),
+        &redis.url(),
+        &prefix,
+        &[
+            "--roles",
+            "worker",
+            "--node-id",
+            &worker_id,
+            "--code-path-root",
+            &worker_flag,
+        ],
+    );
+    let http = reqwest::Client::new();
+    let fns = format!("{}/2015-03-31/functions", front.endpoint);
+    // Allowed by both: runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = json!({ "Path": worker_root.join("echo") });
+    assert_create_and_echo(&http, &fns, "both", code).await;
+    // Allowed by the front end only: created, but the worker will not run it.
+    let (status, _, body) = post(
+        &http,
+        fns.clone(),
+        &json!({ "FunctionName": "frontonly", "Code": { "Path": front_root.join("echo") } }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let r = loop {
+        let r = http
+            .post(format!("{fns}/frontonly/invocations"))
+            .body(r#"{"hello":"frontonly"}"#)
+            .send()
+            .await
+            .expect("invoke");
+        if r.status() == StatusCode::OK || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()
+            .get("x-amz-function-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("Unhandled")
+    );
+    let got: Value = r.json().await.expect("json");
+    assert_eq!(got["errorType"], "Runtime.CodeUnavailable", "{got}");
+    assert!(
+        got["errorMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("outside the directories this node allows")),
+        "{got}"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_core::code::CodeCache;
+use sluice_core::code::{CodeCache, CodePathRoots};
 use sluice_core::invoke::{FunctionResult, InvokeError, InvokeRequest, Invoked};
 use sluice_core::kafka::KafkaSettings;
 use sluice_core::model::FunctionConfig;
@@ -112,6 +112,9 @@ struct Inner {
     account: AccountIdentity,
     /// Kafka and the local cache, for code kept in the code topic.
     code: Option<(KafkaSettings, CodeCache)>,
+    /// Where a `Code.Path` may point on this worker. Checked here as well as at the front end:
+    /// a record written by an older or differently configured node is not trusted.
+    code_path_roots: CodePathRoots,
 }
 
 impl WorkerService {
@@ -126,7 +129,7 @@ impl WorkerService {
         code: Option<(KafkaSettings, PathBuf)>,
     ) -> Self {
         let code = code.map(|(k, dir)| (k, CodeCache::new(dir, DEFAULT_CODE_CACHE_BYTES)));
-        Self::with_code_cache(id, pool, store, account, code)
+        Self::with_code_cache(id, pool, store, account, code, CodePathRoots::default())
     }
 
     /// As [`WorkerService::new`], with a bounded code cache.
@@ -137,6 +140,7 @@ impl WorkerService {
         store: ConfigStore,
         account: AccountIdentity,
         code: Option<(KafkaSettings, CodeCache)>,
+        code_path_roots: CodePathRoots,
     ) -> Self {
         // Bundles that idle sandboxes run from stay in the cache whatever its bound.
         let code = code.map(|(kafka, cache)| {
@@ -157,6 +161,7 @@ impl WorkerService {
                 store,
                 account,
                 code,
+                code_path_roots,
             }),
         }
     }
@@ -228,7 +233,13 @@ impl WorkerService {
                         ),
                     });
                 }
-                dir
+                self.inner
+                    .code_path_roots
+                    .check(path)
+                    .map_err(|e| SpecError::Function {
+                        error_type: "Runtime.CodeUnavailable",
+                        message: format!("worker {} will not run this code: {e}", self.inner.id),
+                    })?
             }
             (None, Some(stored), Some((kafka, cache))) => {
                 let (kafka, cache, stored) = (kafka.clone(), cache.clone(), stored.clone());

@@ -43,6 +43,8 @@ pub struct WorkerRoleConfig {
     pub token: Option<String>,
     /// The registration's TTL (heartbeats go five times per TTL).
     pub ttl: Duration,
+    /// Where a function's `Code.Path` may point on this worker (`--code-path-root`).
+    pub code_path_roots: sluice_core::code::CodePathRoots,
 }
 
 /// The node's shared parts the worker uses.
@@ -102,6 +104,7 @@ pub async fn start_worker(
         parts.store.clone(),
         parts.identity.clone(),
         Some((parts.kafka.clone(), cfg.code_cache)),
+        cfg.code_path_roots,
     );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
