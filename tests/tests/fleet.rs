@@ -247,7 +247,10 @@ async fn invocations_run_on_workers_and_warm_sandboxes_are_shared_by_every_front
         .front_metric("sluice_init_duration_seconds_sum", "function=\"shared\"")
         .await;
     assert_eq!(init_count, 1.0, "one init duration reported");
-    assert!(init_sum > 0.0, "the init duration is measured ({init_sum} s)");
+    assert!(
+        init_sum > 0.0,
+        "the init duration is measured ({init_sum} s)"
+    );
     assert_eq!(
         fl.fronts[1]
             .metric("sluice_invocations_total", "function=\"shared\"")

@@ -186,7 +186,11 @@ impl RemoteClient {
             },
             other => return Err(bad(format!("x-sluice-result is {other:?}"))),
         };
-        let micros = |name: &str| h(name).and_then(|d| d.parse().ok()).map(Duration::from_micros);
+        let micros = |name: &str| {
+            h(name)
+                .and_then(|d| d.parse().ok())
+                .map(Duration::from_micros)
+        };
         Ok(Invoked {
             result,
             duration: micros("x-sluice-duration-us").unwrap_or_default(),

@@ -388,8 +388,7 @@ impl Invoker for ClusterInvoker {
         }
         if let Some(init) = inv.init_duration {
             // Measured on the worker that booted the sandbox and carried back with the result.
-            metrics::histogram!("sluice_init_duration_seconds", &labels)
-                .record(init.as_secs_f64());
+            metrics::histogram!("sluice_init_duration_seconds", &labels).record(init.as_secs_f64());
         }
         if matches!(inv.result, FunctionResult::Err { .. }) {
             metrics::counter!("sluice_errors_total", &labels).increment(1);
