@@ -27,10 +27,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
+use sluice_core::kafka::KafkaSettings;
 use sluice_leasing::Lease;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -481,12 +482,9 @@ pub(crate) struct RunConfig {
     pub(crate) drain: Duration,
     /// Capacity of each partition worker's channel.
     pub(crate) channel: usize,
-    /// Whether to report `sluice_poller_offset_lag_records` for the owned partitions. Stream
-    /// mappings report their own OffsetLag (`sluice_offset_lag_records`) and leave it off: with
-    /// this runtime's watermark reads on the mapping's consumer as well, an in-process mapping on
-    /// a current-thread runtime stopped receiving records (streams.rs
-    /// `parallelization_keeps_per_key_order`: 0 of 10,000 in 120 s), cause not found yet.
-    pub(crate) report_lag: bool,
+    /// The cluster the loop reads. The lag loop reads its watermarks there with a client of its
+    /// own (see [`lag_loop`]).
+    pub(crate) kafka: KafkaSettings,
 }
 
 /// Consumes `consumer` until `cancel`: each record of an owned partition is decoded with
@@ -514,20 +512,12 @@ pub(crate) async fn run<T, D, W, Fut>(
         cancel.clone(),
         cfg.name.clone(),
     ));
-    let lag = tokio::spawn({
-        let (consumer, trackers, cancel, name) = (
-            Arc::clone(&consumer),
-            Arc::clone(&trackers),
-            cancel.clone(),
-            cfg.name.clone(),
-        );
-        let report = cfg.report_lag;
-        async move {
-            if report {
-                lag_loop(consumer, trackers, cancel, name).await;
-            }
-        }
-    });
+    let lag = tokio::spawn(lag_loop(
+        cfg.kafka.clone(),
+        Arc::clone(&trackers),
+        cancel.clone(),
+        cfg.name.clone(),
+    ));
     let mut inboxes: HashMap<Tp, Inbox<T>> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -640,14 +630,30 @@ async fn commit_loop(
 
 /// Every [`LAG_EVERY`] sets `sluice_poller_offset_lag_records{source,topic,partition}` of each
 /// owned partition: its high watermark minus where it would resume now (the lowest unfinished
-/// record, else the next offset). Watermarks are blocking reads, made on the blocking pool one
-/// round at a time; a partition this node no longer owns is set to 0 (its owner reports it).
+/// record, else the next offset); a partition this node no longer owns is set to 0 (its owner
+/// reports it).
+///
+/// The watermarks are read with a client of the lag loop's own (no group), on the blocking pool
+/// one round at a time, never with the consume loop's consumer: that consumer serves the receive
+/// loop, the commits and the balancer's lookups alone, and a slow broker's watermark reads never
+/// queue on its connections. (The stall once blamed on this loop, a mapping receiving nothing,
+/// was the broker: its offset storage failing, so the consumer's OffsetFetch for `Stored` never
+/// answered; it happens with or without this loop.)
 async fn lag_loop(
-    consumer: Arc<StreamConsumer>,
+    kafka: KafkaSettings,
     trackers: Arc<Mutex<Trackers>>,
     cancel: CancellationToken,
     source: String,
 ) {
+    // No group: the client reads watermarks only, and its events stay on its own main queue.
+    let client: BaseConsumer = match kafka.client_config().create() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%source, error = %e, "no offset lag reported: could not create the watermark client");
+            return;
+        }
+    };
+    let client = Arc::new(client);
     let mut reported: HashSet<Tp> = HashSet::new();
     loop {
         tokio::select! {
@@ -655,15 +661,15 @@ async fn lag_loop(
             () = tokio::time::sleep(LAG_EVERY) => {}
         }
         let positions = lock(&trackers).positions();
-        let c = Arc::clone(&consumer);
+        let c = Arc::clone(&client);
         let read = tokio::task::spawn_blocking(move || {
+            // Serve (and drop) what the client queued: errors are logged by librdkafka.
+            while c.poll(Duration::ZERO).is_some() {}
             positions
                 .into_iter()
                 .filter_map(|(tp, position)| {
                     let (low, high) = c.fetch_watermarks(&tp.0, tp.1, WATERMARKS_TIMEOUT).ok()?;
-                    // Records before the low watermark are gone: a restart reads from it.
-                    let from = position.map_or(low, |p| p.max(low));
-                    Some((tp, (high - from).max(0)))
+                    Some((tp, lag(low, high, position)))
                 })
                 .collect::<Vec<_>>()
         });
@@ -681,6 +687,14 @@ async fn lag_loop(
             keep
         });
     }
+}
+
+/// A partition's offset lag: records from where it would resume (`position`, or the low
+/// watermark when it has none: records before the low watermark are gone, a restart reads from
+/// it) to the high watermark.
+fn lag(low: i64, high: i64, position: Option<i64>) -> i64 {
+    let from = position.map_or(low, |p| p.max(low));
+    (high - from).max(0)
 }
 
 fn set_lag(source: &str, tp: &Tp, lag: i64) {
@@ -835,6 +849,31 @@ mod tests {
         assert_eq!(
             b.due_commit(&mut committed_at, at(6500), refresh),
             Some(Due::Refresh(43))
+        );
+    }
+
+    #[test]
+    fn lag_counts_from_where_the_partition_would_resume_to_the_high_watermark() {
+        assert_eq!(
+            lag(0, 100, Some(40)),
+            60,
+            "40 is the lowest unfinished record"
+        );
+        assert_eq!(lag(0, 100, Some(100)), 0, "all done");
+        assert_eq!(
+            lag(0, 100, None),
+            100,
+            "nothing fetched yet: from the low watermark"
+        );
+        assert_eq!(
+            lag(50, 100, Some(10)),
+            50,
+            "records before the low watermark are gone"
+        );
+        assert_eq!(
+            lag(0, 100, Some(120)),
+            0,
+            "never negative (watermarks read late)"
         );
     }
 

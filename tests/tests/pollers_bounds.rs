@@ -3,6 +3,7 @@
 //! - delayed events wait in Kafka, not in memory;
 //! - a stuck mapping's buffers are bounded by bytes, not just by count;
 //! - an idle partition's commit is refreshed, so Kafka never expires the group's offsets;
+//! - a mapping's offset lag rises while its function is slow and is back to 0 once it caught up;
 //! - a frozen broker during a hand-over does not freeze a node's API or its lease renewals
 //!   (this one on a private tansu, frozen with SIGSTOP).
 
@@ -293,6 +294,63 @@ async fn an_idle_partitions_commit_is_refreshed() {
     );
     // A refresh resends the same point: nothing is skipped or replayed.
     assert_eq!(committed(&uuid, &topic, 0).await, Some(3));
+}
+
+#[tokio::test]
+async fn a_slow_mappings_offset_lag_rises_and_returns_to_zero() {
+    let redis = RedisServer::start();
+    let prefix = unique_name("lg").replace('-', "");
+    let node = Node::start(&bootstrap(), &redis.url(), &prefix, &[]);
+    let bundle = Bundle::of("fn-stream");
+    create_function(&node, "slow", &bundle, 10).await;
+    let topic = unique_name("lg");
+    create_topic(&topic, 1).await.expect("topic");
+    // One record per batch, each taking 1.5 s: the partition is behind for about 12 s.
+    let n = 8;
+    produce(&bootstrap(), &topic, n, br#"{"sleep_ms":1500}"#).await;
+    let uuid = create_mapping(
+        &node,
+        &bootstrap(),
+        "slow",
+        &topic,
+        json!({ "BatchSize": 1 }),
+    )
+    .await;
+    // The runtime's lag loop reports every 5 s, from its own watermark client.
+    let labels = format!("source=\"{uuid}\",topic=\"{topic}\",partition=\"0\"");
+    let highest = std::cell::Cell::new(0.0f64);
+    wait_until(
+        "the mapping's offset lag above 0",
+        Duration::from_secs(30),
+        || {
+            let (node, labels, highest) = (&node, labels.clone(), &highest);
+            async move {
+                let lag = node
+                    .metric("sluice_poller_offset_lag_records", &labels)
+                    .await;
+                highest.set(highest.get().max(lag));
+                lag > 0.0
+            }
+        },
+    )
+    .await;
+    let highest = highest.get();
+    eprintln!("offset lag while the function is slow: {highest} of {n} records");
+    assert!(highest <= n as f64, "more lag than records: {highest}");
+    wait_until("every record committed", Duration::from_secs(60), || {
+        let (uuid, topic) = (uuid.clone(), topic.clone());
+        async move { committed(&uuid, &topic, 0).await == Some(n as i64) }
+    })
+    .await;
+    wait_until("the offset lag back to 0", Duration::from_secs(15), || {
+        let (node, labels) = (&node, labels.clone());
+        async move {
+            node.metric("sluice_poller_offset_lag_records", &labels)
+                .await
+                == 0.0
+        }
+    })
+    .await;
 }
 
 /// Lease keys of `holder` in Redis, with their remaining lifetimes (ms).

@@ -234,7 +234,7 @@ impl MappingPoller {
                 commit_every: Duration::from_millis(500),
                 drain: DRAIN,
                 channel,
-                report_lag: false,
+                kafka: kafka.clone(),
             },
             cancel.clone(),
             rec_of,
