@@ -61,6 +61,9 @@ pub struct Invoked {
     pub cold_start: bool,
     /// Time to boot the sandbox, on a cold start (Lambda's Init Duration).
     pub init_duration: Option<Duration>,
+    /// The invocation's log as Lambda writes it (`START`, the function's output, `END`,
+    /// `REPORT`), with at most the last 4 KB of the output; empty where none was captured.
+    pub log: Vec<u8>,
 }
 
 /// Why an invocation did not run. None of these is the function's fault.

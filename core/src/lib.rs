@@ -22,6 +22,7 @@ pub mod events;
 pub mod filter;
 pub mod invoke;
 pub mod kafka;
+pub mod logs;
 pub mod model;
 pub mod producer;
 pub mod store;

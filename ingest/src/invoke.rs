@@ -126,6 +126,10 @@ async fn invoke_inner(
                     "this node runs no workers and cannot invoke synchronously yet",
                 ));
             };
+            let tail = headers
+                .get("x-amz-log-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|t| t.eq_ignore_ascii_case("Tail"));
             let req = InvokeRequest {
                 function: name.to_owned(),
                 request_id: request_id.to_owned(),
@@ -147,6 +151,15 @@ async fn invoke_inner(
                     );
                     if let Some(e) = error {
                         h.insert("x-amz-function-error", HeaderValue::from_static(e));
+                    }
+                    if tail {
+                        // Lambda's LogType Tail: the last 4 KB of the log, base64.
+                        use base64::Engine;
+                        let log = &done.log[done.log.len().saturating_sub(4096)..];
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(log);
+                        if let Ok(v) = HeaderValue::from_str(&b64) {
+                            h.insert("x-amz-log-result", v);
+                        }
                     }
                     Ok(resp)
                 }

@@ -9,6 +9,7 @@ mod dev;
 mod functions;
 mod invoke_cli;
 mod kafka_cli;
+mod logs_cli;
 mod mappings;
 mod node;
 mod services;
@@ -57,6 +58,9 @@ enum Command {
     Topics(kafka_cli::TopicsCommand),
     /// Write records to any Kafka topic, one per input line (kcat-style flags).
     Produce(kafka_cli::ProduceArgs),
+    /// Print a function's invocation logs (START, its output, END, REPORT) from every worker,
+    /// like `sam logs`: `sluice logs FUNCTION [--follow] [--since 10m] [--request-id ID]`.
+    Logs(logs_cli::LogsArgs),
     /// Inspect failure and success destinations.
     #[command(subcommand)]
     Destinations(kafka_cli::DestinationsCommand),
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
             Command::Produce(args) => kafka_cli::produce(args).await,
             Command::Topics(cmd) => kafka_cli::topics(cmd).await,
             Command::Destinations(cmd) => kafka_cli::tail(cmd).await,
+            Command::Logs(args) => logs_cli::logs(args).await,
             Command::Redrive(args) => kafka_cli::redrive(args).await,
         }
     });

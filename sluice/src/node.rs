@@ -117,6 +117,11 @@ pub struct NodeConfig {
     #[arg(long, env = "SLUICE_COMMIT_REFRESH_SECS", default_value_t = 3600, hide = true,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub commit_refresh_secs: u64,
+    /// How long, in hours, the logs topic (`<prefix>logs`) keeps each invocation's log
+    /// (`sluice logs FUNCTION` reads it).
+    #[arg(long, env = "SLUICE_LOG_RETENTION_HOURS", default_value_t = 168,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub log_retention_hours: u64,
     /// Fault injection for tests: this node's configuration view applies each record only this
     /// many milliseconds after it was written, so the view lags the log on demand. Hidden from
     /// `--help`; 0 (the default) in production.
@@ -580,6 +585,10 @@ async fn start_worker(
         ttl: args.worker_ttl,
         code_path_roots: sluice_core::code::CodePathRoots::new(args.code_path_roots.clone())
             .context("--code-path-root (SLUICE_CODE_PATH_ROOTS)")?,
+        logs: Some((
+            format!("{}logs", args.topic_prefix),
+            Duration::from_secs(args.log_retention_hours.saturating_mul(3600)),
+        )),
     };
     let parts = WorkerRoleParts {
         store,

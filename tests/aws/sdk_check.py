@@ -45,6 +45,17 @@ assert json.loads(out["Payload"].read())["sdk"] == "boto3"
 assert "FunctionError" not in out, out
 print("invoke RequestResponse ok")
 
+out = lam.invoke(FunctionName=fn, LogType="Tail", Payload=b'{"action":"log","lines":600}')
+log = base64.b64decode(out["LogResult"]).decode()
+request_id = out["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+assert len(base64.b64decode(out["LogResult"])) <= 4096, len(log)
+assert "hello from stdout" in log and "line 599" in log and "line 0\n" not in log, log
+assert f"END RequestId: {request_id}" in log, log
+assert f"REPORT RequestId: {request_id}\tDuration: " in log and "Memory Size: " in log, log
+out = lam.invoke(FunctionName=fn, Payload=b'{"action":"log"}')
+assert "LogResult" not in out, out
+print("invoke LogType Tail ok")
+
 out = lam.invoke(FunctionName=fn, Payload=b'{"action":"error"}')
 assert out["FunctionError"] == "Unhandled", out
 print("invoke function error ok")

@@ -214,3 +214,75 @@ async fn a_stream_failure_record_is_tailed_and_redriven_to_its_topic_byte_for_by
     assert_eq!(back[0].0.as_bytes(), key.as_slice());
     assert_eq!(back[0].1, value, "the value comes back byte for byte");
 }
+
+/// Every invocation's log (START, the function's output, END, REPORT) reaches the logs topic,
+/// and `sluice logs` prints a function's logs, all of them or one invocation's.
+#[tokio::test]
+async fn logs_prints_each_invocations_log_from_the_logs_topic() {
+    let redis = sluice_tests::redis::RedisServer::start();
+    let prefix = unique_name("logs").replace('-', "");
+    let node = sluice_tests::node::Node::start(&bootstrap(), &redis.url(), &prefix, &[]);
+    let bundle = sluice_tests::functions::Bundle::of("fn-misbehave");
+    let http = reqwest::Client::new();
+    let fns = format!("{}/2015-03-31/functions", node.endpoint);
+    let r = http
+        .post(&fns)
+        .json(&serde_json::json!({ "FunctionName": "talker", "Code": { "Path": bundle.path() } }))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 201);
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let r = http
+            .post(format!("{fns}/talker/invocations"))
+            .body(format!(r#"{{"action":"log","lines":{i}}}"#))
+            .send()
+            .await
+            .expect("invoke");
+        assert_eq!(r.status(), 200);
+        ids.push(
+            r.headers()["x-amzn-RequestId"]
+                .to_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    let topic_prefix = format!("{prefix}.");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let (ok, out, err) = sluice(&["logs", "talker", "--topic-prefix", &topic_prefix], None);
+        if ok && out.matches("REPORT RequestId: ").count() >= 2 {
+            break out;
+        }
+        assert!(std::time::Instant::now() < deadline, "logs: {out}\n{err}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for id in &ids {
+        assert!(
+            out.contains(&format!("START RequestId: {id} Version: $LATEST")),
+            "{out}"
+        );
+        assert!(out.contains(&format!("END RequestId: {id}")), "{out}");
+    }
+    assert_eq!(out.matches("hello from stdout").count(), 2, "{out}");
+    assert!(out.contains("line 0"), "{out}");
+    let (ok, one, err) = sluice(
+        &[
+            "logs",
+            "talker",
+            "--topic-prefix",
+            &topic_prefix,
+            "--request-id",
+            &ids[1],
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(one.matches("START RequestId: ").count(), 1, "{one}");
+    assert!(one.contains(&ids[1]) && one.contains("line 0"), "{one}");
+    // Another function's logs are not printed.
+    let (ok, none, err) = sluice(&["logs", "quiet", "--topic-prefix", &topic_prefix], None);
+    assert!(ok, "{err}");
+    assert!(none.is_empty(), "{none}");
+}

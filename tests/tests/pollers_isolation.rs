@@ -172,6 +172,7 @@ impl Invoker for Scripted {
             duration: Duration::from_millis(1),
             cold_start: false,
             init_duration: None,
+            log: Vec::new(),
         })
     }
 }

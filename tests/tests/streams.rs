@@ -85,6 +85,7 @@ impl Invoker for Recorder {
             duration: Duration::from_millis(1),
             cold_start: false,
             init_duration: None,
+            log: Vec::new(),
         })
     }
 }

@@ -83,6 +83,40 @@ pub struct Invocation {
     pub init_duration: Option<Duration>,
     /// Time in the function.
     pub duration: Duration,
+    /// The invocation's log as Lambda writes it: `START`, the function's output (its last
+    /// [`crate::sandbox::LOG_TAIL_BYTES`]), `END`, `REPORT`.
+    pub log: Vec<u8>,
+}
+
+/// Lambda's log of one invocation around the function's `lines`.
+#[must_use]
+pub fn lambda_log(
+    request_id: &str,
+    lines: &[u8],
+    duration: Duration,
+    init_duration: Option<Duration>,
+    memory_mb: u64,
+) -> Vec<u8> {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let billed = duration.as_millis().max(1);
+    let mut log = format!("START RequestId: {request_id} Version: $LATEST\n").into_bytes();
+    log.extend_from_slice(lines);
+    if !lines.is_empty() && !lines.ends_with(b"\n") {
+        log.push(b'\n');
+    }
+    log.extend_from_slice(
+        format!(
+            "END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {:.2} ms\t\
+             Billed Duration: {billed} ms\tMemory Size: {memory_mb} MB\t",
+            ms(duration)
+        )
+        .as_bytes(),
+    );
+    if let Some(init) = init_duration {
+        log.extend_from_slice(format!("Init Duration: {:.2} ms\t", ms(init)).as_bytes());
+    }
+    log.push(b'\n');
+    log
 }
 
 impl Invocation {
@@ -105,6 +139,7 @@ impl Invocation {
             duration: self.duration,
             cold_start: self.cold_start,
             init_duration: self.init_duration,
+            log: self.log,
         }
     }
 }
@@ -399,12 +434,26 @@ impl Pool {
                                 cold_start: true,
                                 init_duration: Some(started.elapsed()),
                                 duration: Duration::ZERO,
+                                log: lambda_log(
+                                    request_id,
+                                    b"",
+                                    Duration::ZERO,
+                                    Some(started.elapsed()),
+                                    spec.memory_mb,
+                                ),
                             }),
                             BootError::Exited(reason) => Ok(Invocation {
                                 outcome: InvokeOutcome::Crashed { reason },
                                 cold_start: true,
                                 init_duration: Some(started.elapsed()),
                                 duration: Duration::ZERO,
+                                log: lambda_log(
+                                    request_id,
+                                    b"",
+                                    Duration::ZERO,
+                                    Some(started.elapsed()),
+                                    spec.memory_mb,
+                                ),
                             }),
                             // The function's own init did not finish: its failure (Lambda
                             // counts it as a function error), not the host's.
@@ -425,6 +474,13 @@ impl Pool {
                                 cold_start: true,
                                 init_duration: Some(started.elapsed()),
                                 duration: Duration::ZERO,
+                                log: lambda_log(
+                                    request_id,
+                                    b"",
+                                    Duration::ZERO,
+                                    Some(started.elapsed()),
+                                    spec.memory_mb,
+                                ),
                             }),
                             other => Err(PoolError::Boot(other)),
                         };
@@ -435,6 +491,13 @@ impl Pool {
         let started = Instant::now();
         let outcome = sandbox.invoke(request_id, payload, &trace_id).await;
         let duration = started.elapsed();
+        let log = lambda_log(
+            request_id,
+            &sandbox.take_log(),
+            duration,
+            init_duration,
+            spec.memory_mb,
+        );
         let alive = sandbox.is_alive();
         {
             let mut st = self.lock();
@@ -473,6 +536,7 @@ impl Pool {
             cold_start,
             init_duration,
             duration,
+            log,
         })
     }
 

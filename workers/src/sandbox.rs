@@ -208,6 +208,8 @@ pub struct Sandbox {
     logs: Option<mpsc::Sender<LogLine>>,
     isolation: Option<Box<dyn Isolation>>,
     dead: bool,
+    /// The current invocation's output lines (the last [`LOG_TAIL_BYTES`] or so of them).
+    log_tail: Vec<u8>,
     /// When it was booted.
     pub booted_at: Instant,
     /// When it last finished an invocation.
@@ -215,6 +217,10 @@ pub struct Sandbox {
     /// Invocations served.
     pub invocations: u64,
 }
+
+/// How much of an invocation's output a sandbox keeps for its caller (Lambda's `LogType: Tail`
+/// returns the last 4 KB of the log).
+pub const LOG_TAIL_BYTES: usize = 4096;
 
 fn describe_exit(code: i64, signal: i64) -> String {
     if signal != 0 {
@@ -270,6 +276,7 @@ impl Sandbox {
             logs,
             isolation: Some(isolation),
             dead: false,
+            log_tail: Vec::new(),
             booted_at: Instant::now(),
             last_used: Instant::now(),
             invocations: 0,
@@ -354,6 +361,7 @@ impl Sandbox {
         trace_id: &str,
     ) -> InvokeOutcome {
         let timeout = self.spec.timeout;
+        self.log_tail.clear();
         let deadline_ms =
             sluice_core::time::unix_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let frame = Frame::Invoke(Invoke {
@@ -380,6 +388,15 @@ impl Sandbox {
             self.dead = true;
         }
         outcome
+    }
+
+    /// The last invocation's output lines (at most about [`LOG_TAIL_BYTES`]), taken.
+    pub fn take_log(&mut self) -> Vec<u8> {
+        let mut log = std::mem::take(&mut self.log_tail);
+        if log.len() > LOG_TAIL_BYTES {
+            log.drain(..log.len() - LOG_TAIL_BYTES);
+        }
+        log
     }
 
     fn crashed(&self, reason: String) -> InvokeOutcome {
@@ -441,6 +458,12 @@ impl Sandbox {
             match read_frame(&mut self.reader).await {
                 Ok(Some(Frame::Log { request_id, line })) => {
                     tracing::info!(target: "function", function = %self.spec.name, request_id = %request_id, "{line}");
+                    self.log_tail.extend_from_slice(line.as_bytes());
+                    self.log_tail.push(b'\n');
+                    if self.log_tail.len() > 2 * LOG_TAIL_BYTES {
+                        let cut = self.log_tail.len() - LOG_TAIL_BYTES;
+                        self.log_tail.drain(..cut);
+                    }
                     if let Some(logs) = &self.logs {
                         let _ = logs.try_send(LogLine {
                             function: self.spec.name.clone(),

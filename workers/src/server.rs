@@ -118,6 +118,13 @@ async fn invoke(State(service): State<WorkerService>, headers: HeaderMap, body: 
                 "x-sluice-duration-us",
                 HeaderValue::from(u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX)),
             );
+            if !r.log.is_empty() {
+                use base64::Engine;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(&r.log);
+                if let Ok(v) = HeaderValue::from_str(&b64) {
+                    h.insert("x-sluice-log", v);
+                }
+            }
             if let Some(init) = r.init_duration {
                 h.insert(
                     "x-sluice-init-duration-us",

@@ -60,6 +60,7 @@ impl SpecError {
                 duration: Duration::ZERO,
                 cold_start: true,
                 init_duration: None,
+                log: Vec::new(),
             }),
         }
     }
@@ -115,6 +116,8 @@ struct Inner {
     /// Where a `Code.Path` may point on this worker. Checked here as well as at the front end:
     /// a record written by an older or differently configured node is not trusted.
     code_path_roots: CodePathRoots,
+    /// Where each invocation's log goes (the logs topic), if anywhere.
+    logs: Option<sluice_core::logs::LogShipper>,
 }
 
 impl WorkerService {
@@ -162,8 +165,21 @@ impl WorkerService {
                 account,
                 code,
                 code_path_roots,
+                logs: None,
             }),
         }
+    }
+
+    /// Writes every invocation's log to `logs` (call before the service is shared).
+    ///
+    /// # Panics
+    /// When the service was cloned already.
+    #[must_use]
+    pub fn with_logs(mut self, logs: sluice_core::logs::LogShipper) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_logs is called before the service is shared")
+            .logs = Some(logs);
+        self
     }
 
     /// This worker's node id.
@@ -318,7 +334,11 @@ impl WorkerService {
                 .await
                 .map_err(|e| InvokeError::Service(format!("invocation task failed: {e}")))?
                 .map_err(invoke_error)?;
-        metrics::counter!("sluice_worker_invocations_total", "function" => function).increment(1);
+        metrics::counter!("sluice_worker_invocations_total", "function" => function.clone())
+            .increment(1);
+        if let Some(logs) = &self.inner.logs {
+            logs.ship(&function, &request_id, &inv.log);
+        }
         Ok(inv.into_invoked(&request_id))
     }
 

@@ -280,6 +280,7 @@ mod tests {
                     duration: Duration::from_millis(1),
                     cold_start: false,
                     init_duration: None,
+                    log: Vec::new(),
                 })
             })
         }

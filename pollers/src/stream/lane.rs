@@ -383,6 +383,7 @@ async fn deliver<'a, L: LaneIo>(
                     duration: started.elapsed(),
                     cold_start: false,
                     init_duration: None,
+                    log: Vec::new(),
                 })
             }
         };
@@ -593,6 +594,7 @@ mod tests {
             duration: Duration::from_millis(1),
             cold_start: false,
             init_duration: None,
+            log: Vec::new(),
         }
     }
 

@@ -196,6 +196,12 @@ impl RemoteClient {
             duration: micros("x-sluice-duration-us").unwrap_or_default(),
             cold_start: h("x-sluice-cold-start") == Some("true"),
             init_duration: micros("x-sluice-init-duration-us"),
+            log: h("x-sluice-log")
+                .and_then(|b| {
+                    use base64::Engine;
+                    base64::engine::general_purpose::STANDARD.decode(b).ok()
+                })
+                .unwrap_or_default(),
         })
     }
 }

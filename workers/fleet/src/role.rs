@@ -45,6 +45,8 @@ pub struct WorkerRoleConfig {
     pub ttl: Duration,
     /// Where a function's `Code.Path` may point on this worker (`--code-path-root`).
     pub code_path_roots: sluice_core::code::CodePathRoots,
+    /// The logs topic and how long it keeps records; every invocation's log is written there.
+    pub logs: Option<(String, Duration)>,
 }
 
 /// The node's shared parts the worker uses.
@@ -106,6 +108,19 @@ pub async fn start_worker(
         Some((parts.kafka.clone(), cfg.code_cache)),
         cfg.code_path_roots,
     );
+    let service = match &cfg.logs {
+        Some((topic, retention)) => {
+            match sluice_core::logs::LogShipper::open(parts.kafka, topic, *retention).await {
+                Ok(logs) => service.with_logs(logs),
+                Err(e) => {
+                    // The worker still runs functions; their output stays in this node's log.
+                    tracing::error!(topic = %topic, error = %e, "cannot write function logs to Kafka");
+                    service
+                }
+            }
+        }
+        None => service,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| WorkerRoleError::Listen {
