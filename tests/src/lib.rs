@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod fault;
 pub mod functions;
 pub mod kafka;
 pub mod node;
