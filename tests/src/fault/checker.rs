@@ -304,7 +304,7 @@ mod tests {
             l.acked(
                 id("k", s),
                 Source::Stream,
-                Some((0, i64::try_from(s).unwrap())),
+                Some((0, i64::try_from(s).expect("small"))),
             );
         }
         l
@@ -373,7 +373,7 @@ mod tests {
     fn duplicates_are_counted_against_the_bound() {
         let mut l = ledger();
         let all: Vec<_> = (0..4)
-            .map(|s| (0, i64::try_from(s).unwrap(), id("k", s)))
+            .map(|s| (0, i64::try_from(s).expect("small"), id("k", s)))
             .collect();
         l.invoked(inv(0, 0, 5, &all));
         // A crash replays 2 and 3 from the committed offset: duplicates, not inversions.
@@ -428,7 +428,7 @@ mod tests {
                 0,
                 s,
                 s + 1,
-                &[(0, i64::try_from(s).unwrap(), id("k", s))],
+                &[(0, i64::try_from(s).expect("small"), id("k", s))],
             ));
         }
         for (at_ms, offset) in [(0, 1), (3_000, 1), (7_000, 1), (7_500, 4)] {
