@@ -86,6 +86,13 @@ async fn run_inner(args: &DevArgs, started: &mut Vec<Service>) -> anyhow::Result
     node_args.roles = vec![Role::Frontend, Role::Poller, Role::Worker];
     node_args.node_id = Some("dev".into());
     node_args.memory_budget_mb = args.memory_budget_mb;
+    // The code cache lives under the data directory, so a dev node never shares (and is never
+    // refused) the host-wide default another node holds.
+    if std::env::var_os("SLUICE_CODE_CACHE_DIR").is_none() {
+        let data = std::fs::canonicalize(&args.data_dir)
+            .with_context(|| format!("resolve {}", args.data_dir.display()))?;
+        node_args.code_cache_dir = data.join("code-cache");
+    }
     node_args
         .async_retry_delays
         .clone_from(&args.async_retry_delays);

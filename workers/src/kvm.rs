@@ -130,24 +130,10 @@ impl KvmBackend {
     }
 }
 
-/// The files an executable needs in the guest: itself and the shared libraries `ldd` lists.
+/// The host's shared libraries an executable needs in the guest, read from its ELF headers
+/// (never by running `ldd` on a function's file, which may execute it).
 fn with_libraries(exe: &Path) -> Vec<PathBuf> {
-    let mut files = vec![];
-    if let Ok(out) = std::process::Command::new("ldd").arg(exe).output() {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let path = line
-                .split("=>")
-                .nth(1)
-                .unwrap_or(line)
-                .split_whitespace()
-                .next()
-                .unwrap_or("");
-            if path.starts_with('/') {
-                files.push(PathBuf::from(path));
-            }
-        }
-    }
-    files
+    crate::elf::host_libraries(exe)
 }
 
 fn build_initrd(config: &KvmConfig, spec: &FunctionSpec) -> std::io::Result<Vec<u8>> {

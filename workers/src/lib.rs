@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod elf;
 pub mod jail;
 pub mod kvm;
 pub mod pool;
