@@ -53,6 +53,12 @@ impl OffsetTracker {
         self.committed = Some(offset);
     }
 
+    /// The lowest record in flight: finishing it moves the commit point.
+    #[must_use]
+    pub fn lowest(&self) -> Option<i64> {
+        self.in_flight.first().copied()
+    }
+
     /// One past the highest offset started, if any.
     #[must_use]
     pub fn next(&self) -> Option<i64> {

@@ -33,7 +33,7 @@ use rdkafka::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::kafka::KafkaSettings;
 use sluice_leasing::Lease;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -51,6 +51,12 @@ pub(crate) const COMMIT_REFRESH: Duration = Duration::from_secs(3600);
 const LAG_EVERY: Duration = Duration::from_secs(5);
 /// How long one partition's watermarks may take to read.
 const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How soon after a partition's commit point moved it is committed, at most: one commit (of every
+/// partition that moved) per this interval while records finish, so a finished batch is durable
+/// within it rather than at the next [`RunConfig::commit_every`] (fewer redeliveries after a
+/// failover, and a group lag that Kafka's tools show current). Idle loops send nothing.
+const COMMIT_SOON: Duration = Duration::from_millis(50);
 
 /// Shutdown deadlines, each shorter than the node's 10 s for all its tasks: drain (the plug-in's
 /// `RunConfig::drain`, at most 5 s), then the final commit, then the lease releases.
@@ -150,6 +156,11 @@ impl Buffer {
         self.resume_under_half(budget)
     }
 
+    /// Whether finishing `offset` moves the commit point (it is the lowest record in flight).
+    fn moves_on(&self, offset: i64) -> bool {
+        self.tracker.lowest() == Some(offset)
+    }
+
     fn release(&mut self, offset: i64) {
         if let Some(b) = self.sizes.remove(&offset) {
             self.bytes -= b;
@@ -196,6 +207,8 @@ pub(crate) struct Trackers {
     source: String,
     /// Pauses and resumes partitions (none in unit tests).
     consumer: Option<Arc<StreamConsumer>>,
+    /// Wakes the commit loop when a partition's commit point moved.
+    moved: Arc<Notify>,
 }
 
 /// One owned partition.
@@ -224,6 +237,7 @@ impl Trackers {
             commit_refresh,
             source: source.to_owned(),
             consumer,
+            moved: Arc::new(Notify::new()),
         }
     }
 
@@ -289,8 +303,12 @@ impl Trackers {
         if o.epoch != epoch {
             return;
         }
+        let moves = o.buffer.moves_on(offset);
         let flow = o.buffer.finish(offset, budget);
         self.apply(tp, flow);
+        if moves {
+            self.moved.notify_one();
+        }
     }
 
     /// Pauses or resumes `tp` in librdkafka.
@@ -321,6 +339,13 @@ impl Trackers {
         self.by_partition
             .get(tp)
             .is_some_and(|o| o.epoch == epoch && o.lease.is_valid())
+    }
+
+    /// Records of `tp` started and not finished (0 when `tp` is not owned).
+    pub(crate) fn in_flight(&self, tp: &Tp) -> usize {
+        self.by_partition
+            .get(tp)
+            .map_or(0, |o| o.buffer.tracker.in_flight())
     }
 
     /// What the owned partitions hold: bytes counted against their budgets, records fetched and
@@ -476,7 +501,8 @@ impl<T> Inbox<T> {
 pub(crate) struct RunConfig {
     /// Names the loop in logs.
     pub(crate) name: String,
-    /// How often finished offsets are committed.
+    /// How often, at least, finished offsets are committed (a moved commit point is committed
+    /// within [`COMMIT_SOON`]), quiet partitions' commits refreshed and the buffer gauges set.
     pub(crate) commit_every: Duration,
     /// How long shutdown waits for work in flight before committing what is done.
     pub(crate) drain: Duration,
@@ -489,7 +515,7 @@ pub(crate) struct RunConfig {
 
 /// Consumes `consumer` until `cancel`: each record of an owned partition is decoded with
 /// `decode` and handed, in partition order, to that partition's worker (started with `worker` on
-/// the partition's first record of an ownership). Commits every `commit_every`; at the end stops
+/// the partition's first record of an ownership). Commits within [`COMMIT_SOON`] of a move (see `commit_loop`); at the end stops
 /// intake, waits up to `drain` for the workers, and commits what finished.
 pub(crate) async fn run<T, D, W, Fut>(
     consumer: Arc<StreamConsumer>,
@@ -505,9 +531,11 @@ pub(crate) async fn run<T, D, W, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let workers = TaskTracker::new();
+    let moved = Arc::clone(&lock(&trackers).moved);
     let committer = tokio::spawn(commit_loop(
         Arc::clone(&consumer),
         Arc::clone(&trackers),
+        moved,
         cfg.commit_every,
         cancel.clone(),
         cfg.name.clone(),
@@ -596,9 +624,12 @@ pub(crate) async fn run<T, D, W, Fut>(
     }
 }
 
+/// Commits what finished soon after a commit point moved (at most every [`COMMIT_SOON`]), and
+/// every `every` at least (refreshes of quiet partitions, and the buffer gauges).
 async fn commit_loop(
     consumer: Arc<StreamConsumer>,
     trackers: Arc<Mutex<Trackers>>,
+    moved: Arc<Notify>,
     every: Duration,
     cancel: CancellationToken,
     name: String,
@@ -606,7 +637,13 @@ async fn commit_loop(
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
+            () = moved.notified() => {}
             () = tokio::time::sleep(every) => {}
+        }
+        // What finishes meanwhile goes in this commit.
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(COMMIT_SOON) => {}
         }
         let (tpl, buffered) = {
             let mut t = lock(&trackers);
@@ -850,6 +887,20 @@ mod tests {
             b.due_commit(&mut committed_at, at(6500), refresh),
             Some(Due::Refresh(43))
         );
+    }
+
+    #[test]
+    fn only_finishing_the_lowest_record_moves_the_commit_point() {
+        let mut b = Buffer::default();
+        for o in 10..13 {
+            b.start(o, KB, budget());
+        }
+        assert!(!b.moves_on(11), "10 still holds the point");
+        b.finish(11, budget());
+        assert!(b.moves_on(10));
+        b.finish(10, budget());
+        assert!(b.moves_on(12), "11 is done: 12 is the lowest now");
+        assert!(!b.moves_on(11), "done already");
     }
 
     #[test]
