@@ -20,6 +20,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::runtime::{commit_blocking, Tp, Trackers, RELEASE_DEADLINE};
 
+/// Longest a voluntary hand-over waits for the partition's running records to finish before it
+/// commits and releases the lease (past it, the unfinished ones run again on the next owner).
+const HANDOVER_DRAIN: Duration = Duration::from_secs(10);
+/// The same wait at shutdown, after the consume loop's own drain: records a lane still runs
+/// then (a batch in its back-off, a slow function) get this long before they are handed over
+/// unfinished. The node's stages bound the whole stop (T07: exits 11-12 s after SIGTERM, inside
+/// its 14 s).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
 /// The last partition list, and when it was read.
 pub(crate) type UnitsCache = (std::time::Instant, Vec<Tp>);
 
@@ -205,7 +214,7 @@ impl Balancer {
         } else if owned > target {
             let victim = self.lock().by_partition.keys().next().cloned();
             if let Some(tp) = victim {
-                self.give_back(&tp).await;
+                self.give_back(&tp, HANDOVER_DRAIN).await;
             }
         }
         metrics::gauge!("sluice_poller_partitions_owned", "topic" => self.topics.first().cloned().unwrap_or_default())
@@ -213,7 +222,21 @@ impl Balancer {
     }
 
     /// Commits what is done of `tp`, stops consuming it and releases its lease.
-    async fn give_back(&self, tp: &Tp) {
+    async fn give_back(&self, tp: &Tp, drain: Duration) {
+        // Stop fetching `tp` and let what already runs finish while the lease is still ours:
+        // giving the partition away now would let its next owner run those records again
+        // (possibly at the same moment), since their completion would never be committed.
+        let _ = self.consumer.pause(&Self::one(tp, Offset::Invalid));
+        let started = std::time::Instant::now();
+        while self.trackers_in_flight(tp) > 0 && started.elapsed() < drain {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.trackers_in_flight(tp);
+        if left > 0 {
+            metrics::counter!("sluice_poller_handover_unfinished_total").increment(left as u64);
+            tracing::warn!(topic = %tp.0, partition = tp.1, unfinished = left,
+                "handing a partition over with records still running; its next owner runs them again");
+        }
         // On the blocking pool: a broker outage must not freeze the runtime (API, renewals).
         if let Err(e) = commit_blocking(&self.consumer, &self.trackers, Some(tp)).await {
             tracing::warn!(error = %e, "commit before handing a partition over failed");
@@ -225,6 +248,10 @@ impl Balancer {
             let _ = tokio::time::timeout(RELEASE_DEADLINE, lease.release()).await;
         }
         tracing::info!(topic = %tp.0, partition = tp.1, "handed partition over");
+    }
+
+    fn trackers_in_flight(&self, tp: &Tp) -> usize {
+        self.lock().in_flight(tp)
     }
 
     /// Rounds every TTL/3 until `cancel`.
@@ -247,7 +274,8 @@ impl Balancer {
         if let Err(e) = commit_blocking(&self.consumer, &self.trackers, None).await {
             tracing::warn!(error = %e, "commit before releasing the partitions failed");
         }
-        futures::future::join_all(all.iter().map(|tp| self.give_back(tp))).await;
+        // The consume loop has drained already: what still runs gets a short last chance.
+        futures::future::join_all(all.iter().map(|tp| self.give_back(tp, SHUTDOWN_DRAIN))).await;
         let mut conn = self.redis.clone();
         let _: redis::RedisResult<i64> = redis::cmd("ZREM")
             .arg(&self.members_key)
