@@ -276,6 +276,31 @@ fn assign_all(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<HashMap<i3
     Ok(ends)
 }
 
+/// Polls `consumer` and hands each record to `each` until every partition reached its end in
+/// `ends` (from `positions`, the next offset per partition), or for ever with `follow`.
+pub(crate) fn read_records(
+    consumer: &BaseConsumer,
+    ends: &HashMap<i32, i64>,
+    mut positions: HashMap<i32, i64>,
+    follow: bool,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> anyhow::Result<()> {
+    loop {
+        let done = ends
+            .iter()
+            .all(|(p, end)| positions.get(p).copied().unwrap_or(0) >= *end);
+        if done && !follow {
+            return Ok(());
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m.context("read")?;
+        positions.insert(m.partition(), m.offset() + 1);
+        each(&m);
+    }
+}
+
 pub async fn tail(cmd: DestinationsCommand) -> anyhow::Result<()> {
     let DestinationsCommand::Tail(args) = cmd;
     let topic = topic_of(&args.destination)?;
@@ -287,25 +312,13 @@ pub async fn tail(cmd: DestinationsCommand) -> anyhow::Result<()> {
             .create()
             .context("create the consumer")?;
         let ends = assign_all(&consumer, &topic)?;
-        let mut positions: HashMap<i32, i64> = HashMap::new();
         let mut shown = 0usize;
-        loop {
-            let done = ends
-                .iter()
-                .all(|(p, end)| positions.get(p).copied().unwrap_or(0) >= *end);
-            if done && !args.follow {
-                break;
-            }
-            let Some(m) = consumer.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            let m = m.context("read")?;
-            positions.insert(m.partition(), m.offset() + 1);
+        read_records(&consumer, &ends, HashMap::new(), args.follow, |m| {
             let payload = m.payload().unwrap_or_default();
             shown += 1;
             if args.json {
                 println!("{}", String::from_utf8_lossy(payload));
-                continue;
+                return;
             }
             match serde_json::from_slice::<InvocationRecord>(payload) {
                 Ok(r) => print_record(&r, m.partition(), m.offset()),
@@ -319,7 +332,7 @@ pub async fn tail(cmd: DestinationsCommand) -> anyhow::Result<()> {
                     ),
                 },
             }
-        }
+        })?;
         eprintln!("{shown} record(s) in {topic}");
         Ok(())
     })

@@ -103,20 +103,9 @@ fn read(args: &LogsArgs) -> anyhow::Result<()> {
     }
     consumer.assign(&assignment).context("assign partitions")?;
     let mut shown = 0usize;
-    loop {
-        let done = ends
-            .iter()
-            .all(|(p, end)| positions.get(p).copied().unwrap_or(0) >= *end);
-        if done && !args.follow {
-            break;
-        }
-        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let m = m.context("read the logs topic")?;
-        positions.insert(m.partition(), m.offset() + 1);
+    crate::kafka_cli::read_records(&consumer, &ends, positions, args.follow, |m| {
         if m.key() != Some(args.function.as_bytes()) {
-            continue;
+            return;
         }
         let request_id = m.headers().and_then(|h| {
             h.iter()
@@ -129,14 +118,14 @@ fn read(args: &LogsArgs) -> anyhow::Result<()> {
             .as_ref()
             .is_some_and(|want| request_id.as_deref() != Some(want.as_str()))
         {
-            continue;
+            return;
         }
         shown += 1;
         print!(
             "{}",
             String::from_utf8_lossy(m.payload().unwrap_or_default())
         );
-    }
+    })?;
     eprintln!(
         "{shown} invocation log(s) of {} in {topic} since {} ago",
         args.function,

@@ -120,6 +120,22 @@ pub fn lambda_log(
 }
 
 impl Invocation {
+    /// A cold start whose boot ended in `outcome` after `init`.
+    fn boot_failed(
+        outcome: InvokeOutcome,
+        request_id: &str,
+        init: Duration,
+        memory_mb: u64,
+    ) -> Self {
+        Self {
+            outcome,
+            cold_start: true,
+            init_duration: Some(init),
+            duration: Duration::ZERO,
+            log: lambda_log(request_id, b"", Duration::ZERO, Some(init), memory_mb),
+        }
+    }
+
     /// The caller's view of it: the sandbox's outcome as Lambda reports it (a response, or a
     /// function error of Lambda's type with its body), with the timings.
     #[must_use]
@@ -426,39 +442,25 @@ impl Pool {
                             BootError::Init {
                                 error_type,
                                 payload,
-                            } => Ok(Invocation {
-                                outcome: InvokeOutcome::InitError {
+                            } => Ok(Invocation::boot_failed(
+                                InvokeOutcome::InitError {
                                     error_type,
                                     payload,
                                 },
-                                cold_start: true,
-                                init_duration: Some(started.elapsed()),
-                                duration: Duration::ZERO,
-                                log: lambda_log(
-                                    request_id,
-                                    b"",
-                                    Duration::ZERO,
-                                    Some(started.elapsed()),
-                                    spec.memory_mb,
-                                ),
-                            }),
-                            BootError::Exited(reason) => Ok(Invocation {
-                                outcome: InvokeOutcome::Crashed { reason },
-                                cold_start: true,
-                                init_duration: Some(started.elapsed()),
-                                duration: Duration::ZERO,
-                                log: lambda_log(
-                                    request_id,
-                                    b"",
-                                    Duration::ZERO,
-                                    Some(started.elapsed()),
-                                    spec.memory_mb,
-                                ),
-                            }),
+                                request_id,
+                                started.elapsed(),
+                                spec.memory_mb,
+                            )),
+                            BootError::Exited(reason) => Ok(Invocation::boot_failed(
+                                InvokeOutcome::Crashed { reason },
+                                request_id,
+                                started.elapsed(),
+                                spec.memory_mb,
+                            )),
                             // The function's own init did not finish: its failure (Lambda
                             // counts it as a function error), not the host's.
-                            BootError::Timeout(after) => Ok(Invocation {
-                                outcome: InvokeOutcome::InitError {
+                            BootError::Timeout(after) => Ok(Invocation::boot_failed(
+                                InvokeOutcome::InitError {
                                     error_type: "Sandbox.Timedout".into(),
                                     payload: serde_json::json!({
                                         "errorMessage": format!(
@@ -471,17 +473,10 @@ impl Pool {
                                     .to_string()
                                     .into_bytes(),
                                 },
-                                cold_start: true,
-                                init_duration: Some(started.elapsed()),
-                                duration: Duration::ZERO,
-                                log: lambda_log(
-                                    request_id,
-                                    b"",
-                                    Duration::ZERO,
-                                    Some(started.elapsed()),
-                                    spec.memory_mb,
-                                ),
-                            }),
+                                request_id,
+                                started.elapsed(),
+                                spec.memory_mb,
+                            )),
                             other => Err(PoolError::Boot(other)),
                         };
                     }
