@@ -368,7 +368,7 @@ async fn t03_sigstop_past_the_lease_ttl() {
 /// Leases, slots and the worker registry are gone; the nodes re-acquire and re-register. 0 lost;
 /// no two invocations of one partition at once; dispatch resumes within TTL + 5 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "finding: after Redis restarts empty, some partitions are first invoked again 14-17 s later (bound: lease TTL + 5 s = 8 s; 3 of 3 runs)"]
+#[ignore = "finding (intermittent since the hand-over drain): after Redis restarts empty, some partitions are first invoked again up to 13-17 s later (bound: lease TTL + 5 s = 8 s; 3 of 3 runs before d047ddd, 1 of 3 after)"]
 async fn t08_redis_restarted_empty() {
     let _serial = SERIAL.lock().await;
     let mut case = Case::start(SLEEP_MS, 4000, 300).await;
