@@ -23,11 +23,9 @@ use crate::runtime::{commit_blocking, Tp, Trackers, RELEASE_DEADLINE};
 /// Longest a voluntary hand-over waits for the partition's running records to finish before it
 /// commits and releases the lease (past it, the unfinished ones run again on the next owner).
 const HANDOVER_DRAIN: Duration = Duration::from_secs(10);
-/// The same wait at shutdown, after the consume loop's own drain: records a lane still runs
-/// then (a batch in its back-off, a slow function) get this long before they are handed over
-/// unfinished. The node's stages bound the whole stop (T07: exits 11-12 s after SIGTERM, inside
-/// its 14 s).
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+/// The same wait at shutdown, after the consume loop's own drain (5 s): together with the final
+/// commit and the releases it stays inside the node's 10 s for the pollers' tasks.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
 /// The last partition list, and when it was read.
 pub(crate) type UnitsCache = (std::time::Instant, Vec<Tp>);
